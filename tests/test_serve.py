@@ -1,0 +1,439 @@
+"""The prediction gateway over real HTTP: `cvops serve` processes under uvicorn on loopback, a real exported
+torchvision model, in-process ONNX Runtime and the real tritonserver (through cvops.triton), captures ingested by
+cvops.data, and a schemathesis run against the OpenAPI schema."""
+import asyncio
+import base64
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
+
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_helpers import BIN, Gateway, encode, make_bundle, make_images, reference_topk  # noqa: E402
+
+KEY = "test-key-0123456789"
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    images = make_images(root / "images", n=24)
+    a = make_bundle(root / "bundle-a", images, seed=0)
+    b = make_bundle(root / "bundle-b", images, seed=1)
+    return dict(root=root, images=images, a=a, b=b)
+
+
+@pytest.fixture(scope="module")
+def gw(assets, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("gw")
+    store = tmp / "store"
+    with Gateway("--model-dir", assets["a"], "--capture-rate", 1, "--capture-url", store, "--max-body-mb", 2,
+                 "--max-pixels", 4_000_000, env={"CVOPS_API_KEY": KEY, "CVOPS_HOME": str(tmp / "home")},
+                 log=tmp / "gateway.log") as g:
+        g.store = store
+        yield g
+
+
+def client(g, key=KEY):
+    return httpx.Client(base_url=g.url, headers={"X-API-Key": key} if key else {}, timeout=30)
+
+
+def metrics(g) -> dict:
+    "Scrape /metrics and parse it with prometheus_client's parser: {(name, sorted labels): value}."
+    text = httpx.get(g.url + "/metrics").text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples: out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(m, name, **labels):
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def assert_topk(got, expected, eps=1e-5):
+    assert [p["label"] for p in got] == [l for l, _ in expected], (got, expected)
+    np.testing.assert_allclose([p["score"] for p in got], [s for _, s in expected], atol=eps)
+
+
+# -- layering -------------------------------------------------------------------
+
+def test_gateway_never_imports_torch_or_fiftyone(assets):
+    code = ("import sys, cvops.serve, cvops.cli_serve, cvops.registry\n"
+            f"app = cvops.serve.create_app(model_dir={str(assets['a'])!r})\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'lightning', 'fiftyone') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
+
+
+# -- predictions ---------------------------------------------------------------
+
+def test_predict_raw_and_multipart_match_in_process_onnxruntime(gw, assets):
+    with client(gw) as c:
+        for path in assets["images"][:6]:
+            img = Image.open(path).convert("RGB")
+            for fmt, ctype, kw in (("PNG", "image/png", {}), ("JPEG", "image/jpeg", {"quality": 90}), ("WEBP", "image/webp", {"quality": 90})):
+                data = encode(img, fmt, **kw)
+                expected = reference_topk(assets["a"], data, k=3)
+                r = c.post("/v1/predict", content=data, headers={"content-type": ctype, "X-Request-ID": "req-1"})
+                assert r.status_code == 200, r.text
+                body = r.json()
+                assert_topk(body["predictions"], expected)
+                assert body["model"] == {"name": "shapes", "version": 0}
+                assert body["request_id"] == "req-1" and r.headers["x-request-id"] == "req-1"
+                assert 0 < body["latency_ms"] < 10_000
+            r = c.post("/v1/predict?top_k=2", files={"file": (path.name, data, "image/webp")})
+            assert r.status_code == 200, r.text
+            assert_topk(r.json()["predictions"], expected[:2])
+            assert len(r.json()["request_id"]) == 32
+
+
+def test_batch_endpoint_multipart_and_json(gw, assets):
+    datas = [p.read_bytes() for p in assets["images"][:5]]
+    expected = [reference_topk(assets["a"], d, k=4) for d in datas]
+    with client(gw) as c:
+        r = c.post("/v1/predict/batch?top_k=4", files=[("files", (f"{i}.png", d, "image/png")) for i, d in enumerate(datas)])
+        assert r.status_code == 200, r.text
+        for got, exp in zip(r.json()["results"], expected): assert_topk(got["predictions"], exp)
+        r = c.post("/v1/predict/batch?top_k=4", json={"images": [base64.b64encode(d).decode() for d in datas]})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["results"]) == 5
+        for got, exp in zip(r.json()["results"], expected): assert_topk(got["predictions"], exp)
+
+
+def test_concurrent_requests_are_micro_batched_and_correct(gw, assets):
+    datas = [p.read_bytes() for p in assets["images"]]
+    expected = [reference_topk(assets["a"], d, k=1) for d in datas]
+    before = metrics(gw)
+
+    async def go():
+        async with httpx.AsyncClient(base_url=gw.url, headers={"X-API-Key": KEY}, timeout=30) as c:
+            return await asyncio.gather(*(c.post("/v1/predict?top_k=1", content=d, headers={"content-type": "image/png"}) for d in datas * 2))
+    rs = asyncio.run(go())
+    for r, exp in zip(rs, expected * 2):
+        assert r.status_code == 200, r.text
+        assert_topk(r.json()["predictions"], exp)
+    after = metrics(gw)
+    n_images = sample(after, "cvops_batch_size_sum", model="shapes") - sample(before, "cvops_batch_size_sum", model="shapes")
+    n_calls = sample(after, "cvops_batch_size_count", model="shapes") - sample(before, "cvops_batch_size_count", model="shapes")
+    assert n_images == len(datas) * 2
+    assert 1 <= n_calls <= n_images
+
+
+# -- bad input (SPEC §6): 4xx with a message, never a 5xx ----------------------------
+
+def _img(mode, size=(40, 30), color=None):
+    return Image.new(mode, size, color if color is not None else {"CMYK": (10, 200, 30, 5), "RGBA": (200, 10, 10, 128),
+                                                                     "I;16": 40000, "L": 90, "P": 3, "LA": (90, 200)}.get(mode, (1, 2, 3)))
+
+
+def _exif_rotated():
+    img = Image.new("RGB", (40, 20), (250, 0, 0)); img.paste((0, 0, 250), (0, 0, 20, 20))
+    exif = Image.Exif(); exif[0x0112] = 6  # orientation: rotate 90° CW on display
+    return encode(img, "JPEG", exif=exif, quality=95)
+
+
+GOOD_ODD = {
+    "cmyk-jpeg": lambda: encode(_img("CMYK"), "JPEG"),
+    "16-bit-png": lambda: encode(_img("I;16"), "PNG"),
+    "rgba-png": lambda: encode(_img("RGBA"), "PNG"),
+    "palette-png": lambda: encode(_img("RGB", color=(30, 140, 220)).convert("P", palette=Image.ADAPTIVE), "PNG"),
+    "grey-alpha-png": lambda: encode(_img("LA"), "PNG"),
+    "exif-rotated-jpeg": _exif_rotated,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(GOOD_ODD))
+def test_unusual_modes_work_and_match_reference(gw, assets, kind):
+    data = GOOD_ODD[kind]()
+    with client(gw) as c:
+        r = c.post("/v1/predict", content=data, headers={"content-type": "application/octet-stream"})
+    assert r.status_code == 200, r.text
+    assert_topk(r.json()["predictions"], reference_topk(assets["a"], data))
+
+
+def _png_bytes():
+    return encode(Image.new("RGB", (32, 32), (10, 200, 10)), "PNG")
+
+
+def _chunked_big():
+    for _ in range(40): yield b"\xff" * 100_000  # 4 MB without a Content-Length (limit: 2 MB)
+
+
+BAD = [  # name, route, kwargs for httpx, expected status, words the message must contain
+    ("empty body", "/v1/predict", dict(content=b"", headers={"content-type": "image/png"}), 400, "empty"),
+    ("not an image", "/v1/predict", dict(content=b"hello world" * 10, headers={"content-type": "image/jpeg"}), 400, "not an image"),
+    ("truncated png", "/v1/predict", dict(content=_png_bytes()[:60], headers={"content-type": "image/png"}), 400, "truncated"),
+    ("wrong content type", "/v1/predict", dict(content=_png_bytes(), headers={"content-type": "text/plain"}), 415, "content type 'text/plain'"),
+    ("json to predict", "/v1/predict", dict(json={"a": 1}), 415, "unsupported content type"),
+    ("gif", "/v1/predict", dict(content=encode(Image.new("P", (8, 8)), "GIF"), headers={"content-type": "application/octet-stream"}), 400, "unsupported image format GIF"),
+    ("decompression bomb", "/v1/predict", dict(content=encode(Image.new("L", (3000, 3000)), "PNG"), headers={"content-type": "image/png"}), 413, "too large"),
+    ("too-large body", "/v1/predict", dict(content=b"\0" * 2_500_000, headers={"content-type": "image/png"}), 413, "body too large"),
+    ("too-large chunked body", "/v1/predict", dict(content=_chunked_big, headers={"content-type": "image/png"}), 413, "body too large"),
+    ("multipart without a file", "/v1/predict", dict(data={"note": "x"}, files={}), 400, None),
+    ("bad top_k", "/v1/predict?top_k=0", dict(content=_png_bytes(), headers={"content-type": "image/png"}), 422, "top_k"),
+    ("malformed json", "/v1/predict/batch", dict(content=b'{"images": [', headers={"content-type": "application/json"}), 400, "malformed JSON"),
+    ("json without images", "/v1/predict/batch", dict(json={"pictures": []}), 400, '"images"'),
+    ("bad base64", "/v1/predict/batch", dict(json={"images": ["***"]}), 400, "images[0] is not valid base64"),
+    ("bad image in batch", "/v1/predict/batch", dict(json={"images": [base64.b64encode(_png_bytes()).decode(), base64.b64encode(b"nope").decode()]}), 400, "image 1: not an image"),
+    ("malformed reload json", "/v1/admin/reload", dict(content=b"{", headers={"content-type": "application/json"}), 400, "malformed JSON"),
+]
+
+
+@pytest.mark.parametrize("name, route, kw, status, needle", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_is_a_clear_4xx(gw, name, route, kw, status, needle):
+    kw = dict(kw)
+    if callable(kw.get("content")): kw["content"] = kw["content"]()
+    if name == "multipart without a file":  # a multipart body with only a text field
+        kw = dict(content=b'--b\r\nContent-Disposition: form-data; name="note"\r\n\r\nx\r\n--b--\r\n',
+                  headers={"content-type": "multipart/form-data; boundary=b"})
+        needle = "no file part"
+    with client(gw) as c:
+        r = c.post(route, **kw)
+    assert r.status_code == status, (r.status_code, r.text)
+    detail = r.json()["detail"]
+    assert needle in detail, detail
+
+
+def test_too_many_images_in_a_batch(gw):
+    with client(gw) as c:
+        r = c.post("/v1/predict/batch", json={"images": [base64.b64encode(_png_bytes()).decode()] * 65})
+    assert r.status_code == 413 and "too many images" in r.json()["detail"]
+
+
+def test_api_key(gw):
+    data = _png_bytes()
+    for key in (None, "wrong-key"):
+        with client(gw, key) as c:
+            r = c.post("/v1/predict", content=data, headers={"content-type": "image/png"})
+        assert r.status_code == 401 and "API key" in r.json()["detail"], r.text
+    with httpx.Client(base_url=gw.url) as c:
+        r = c.post("/v1/predict", content=data, headers={"content-type": "image/png", "Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200 and r.json()["predictions"]
+        assert c.get("/healthz").json() == {"status": "ok"}
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["model"]["name"] == "shapes"
+
+
+# -- metrics --------------------------------------------------------------------
+
+def test_metrics_parse_and_move_with_traffic(gw, assets):
+    data = assets["images"][0].read_bytes()
+    label = reference_topk(assets["a"], data, k=1)[0][0]
+    m0 = metrics(gw)
+    with client(gw) as c:
+        for _ in range(3): assert c.post("/v1/predict", content=data, headers={"content-type": "image/png"}).status_code == 200
+        assert c.post("/v1/predict", content=b"", headers={"content-type": "image/png"}).status_code == 400
+    m1 = metrics(gw)
+    d = lambda name, **l: sample(m1, name, **l) - sample(m0, name, **l)
+    assert d("cvops_requests_total", route="/v1/predict", method="POST", status="200") == 3
+    assert d("cvops_requests_total", route="/v1/predict", method="POST", status="400") == 1
+    assert d("cvops_request_latency_seconds_count", route="/v1/predict", status="200") == 3
+    assert d("cvops_predictions_total", model="shapes", version="0", label=label) == 3
+    assert d("cvops_input_brightness_count", model="shapes") == 3
+    assert d("cvops_input_contrast_count", model="shapes") == 3
+    assert d("cvops_bad_inputs_total", status="400") == 1
+    assert sample(m1, "cvops_model_info", role="champion", model="shapes", version="0", backend="onnxruntime") == 1
+    # the brightness of this image lands in the right histogram bucket
+    from cvops.preprocess import PreprocessSpec, image_stats, load_image
+    b = image_stats(load_image(data).resize((64, 64), Image.BILINEAR))["brightness"]
+    le = min(x for x in [round(i / 20, 2) for i in range(1, 21)] if x >= b)
+    assert d("cvops_input_brightness_bucket", model="shapes", le=str(le)) == 3
+
+
+# -- capture -------------------------------------------------------------------------
+
+def test_capture_files_appear_and_ingest(gw, assets, tmp_path):
+    datas = [p.read_bytes() for p in assets["images"][:4]]
+    ids = []
+    with client(gw) as c:
+        for d in datas:
+            r = c.post("/v1/predict", content=d, headers={"content-type": "image/png"}); assert r.status_code == 200
+            ids.append(r.json()["predictions"][0])
+    day = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")
+    folder = gw.store / "captures" / "shapes" / day
+    import time
+    for _ in range(50):
+        sidecars = sorted(folder.glob("*.json"))
+        shas = {json.loads(s.read_text())["sha256"] for s in sidecars}
+        if all(__import__("hashlib").sha256(d).hexdigest() in shas for d in datas): break
+        time.sleep(0.1)
+    docs = [json.loads(s.read_text()) for s in sidecars]
+    by_sha = {doc["sha256"]: doc for doc in docs}
+    for d, top in zip(datas, ids):
+        doc = by_sha[__import__("hashlib").sha256(d).hexdigest()]
+        assert set(doc) == {"id", "time", "model", "version", "prediction", "topk", "content_type", "sha256", "label"}
+        assert (doc["model"], doc["version"], doc["label"], doc["content_type"]) == ("shapes", 0, None, "image/png")
+        assert doc["prediction"]["label"] == top["label"] and abs(doc["prediction"]["score"] - top["score"]) < 1e-9
+        assert (folder / f"{doc['id']}.png").read_bytes() == d
+        assert dt.datetime.fromisoformat(doc["time"].replace("Z", "+00:00")).tzinfo is not None
+    m = metrics(gw)
+    assert sample(m, "cvops_capture_total", outcome="written") >= len(datas)
+    assert sample(m, "cvops_capture_total", outcome="failed") == 0
+    # the data issue's importer reads them back (contract B)
+    data_mod = pytest.importorskip("cvops.data", reason="cvops.data (the capture importer) is not there yet")
+    from cvops.config import load_config
+    os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")
+    cfg = load_config(tmp_path, home=str(tmp_path / "home"), dataset="captured")
+    rep = data_mod.ingest(gw.store / "captures", dataset="captured", fmt="captures", cfg=cfg, progress=False)
+    assert rep.format == "captures" and not rep.quarantined, rep
+    assert rep.added + rep.already_present >= len(set(map(bytes, datas)))
+    assert rep.unlabelled == rep.added
+
+
+def test_failing_capture_store_never_fails_requests(assets, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with Gateway("--model-dir", assets["a"], "--capture-rate", 1, "--capture-url", tmp_path / "file" / "store",
+                 env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g:
+        data = assets["images"][1].read_bytes()
+        with client(g, None) as c:
+            for _ in range(5):
+                r = c.post("/v1/predict", content=data, headers={"content-type": "image/png"})
+                assert r.status_code == 200 and r.json()["predictions"][0]["label"] == reference_topk(assets["a"], data, 1)[0][0]
+        import time
+        for _ in range(50):
+            m = metrics(g)
+            if sample(m, "cvops_capture_total", outcome="failed") + sample(m, "cvops_capture_total", outcome="dropped") == 5: break
+            time.sleep(0.1)
+        assert sample(m, "cvops_capture_total", outcome="failed") >= 1
+        assert sample(m, "cvops_capture_total", outcome="written") == 0
+
+
+# -- shadow / canary -----------------------------------------------------------------
+
+def test_shadow_records_agreement_and_answers_with_champion(assets, tmp_path):
+    datas = [p.read_bytes() for p in assets["images"]]
+    a1 = [reference_topk(assets["a"], d, 1)[0][0] for d in datas]
+    b1 = [reference_topk(assets["b"], d, 1)[0][0] for d in datas]
+    with Gateway("--model-dir", assets["a"], "--shadow-dir", assets["b"], env={"CVOPS_HOME": str(tmp_path / "home")},
+                 log=tmp_path / "gw.log") as g:
+        with client(g, None) as c:
+            for d, exp in zip(datas, a1):
+                r = c.post("/v1/predict?top_k=1", content=d, headers={"content-type": "image/png"})
+                assert r.json()["predictions"][0]["label"] == exp
+        import time
+        for _ in range(50):
+            m = metrics(g)
+            if sample(m, "cvops_shadow_total", outcome="agree") + sample(m, "cvops_shadow_total", outcome="disagree") == len(datas): break
+            time.sleep(0.1)
+    agree = sum(x == y for x, y in zip(a1, b1))
+    assert sample(m, "cvops_shadow_total", outcome="agree") == agree
+    assert sample(m, "cvops_shadow_total", outcome="disagree") == len(datas) - agree
+    assert abs(sample(m, "cvops_shadow_agreement") - agree / len(datas)) < 1e-9
+    assert sample(m, "cvops_model_info", role="challenger", model="shapes", version="0", backend="onnxruntime") == 1
+
+
+# -- registry: production alias and reload without dropping requests -------------------------
+
+def test_registry_production_and_reload_under_load(assets, tmp_path):
+    from cvops.config import load_config
+    from cvops.registry import Registry
+    from cvops.store import ArtifactStore
+    home, store_url = tmp_path / "home", tmp_path / "store"
+    cfg = load_config(tmp_path, home=str(home), store_url=str(store_url), model="shapes")
+    reg = Registry(ArtifactStore(cfg.store_location), cfg)
+    v1 = reg.register(assets["a"], "shapes", lineage={"test": "a"}, metrics={})
+    v2 = reg.register(assets["b"], "shapes", lineage={"test": "b"}, metrics={})
+    reg.promote("shapes", v1.version, "production", reason="test")
+    env = {"CVOPS_HOME": str(home), "CVOPS_STORE_URL": str(store_url), "CVOPS_MODEL": "shapes", "CVOPS_API_KEY": KEY}
+    datas = [p.read_bytes() for p in assets["images"][:8]]
+    ref = {v1.version: [reference_topk(assets["a"], d, 2) for d in datas], v2.version: [reference_topk(assets["b"], d, 2) for d in datas]}
+    with Gateway(env=env, cwd=tmp_path, log=tmp_path / "gw.log") as g:
+        with client(g) as c:
+            r = c.post("/v1/predict?top_k=2", content=datas[0], headers={"content-type": "image/png"})
+            assert r.json()["model"] == {"name": "shapes", "version": v1.version}, r.text
+            r = c.post("/v1/admin/reload", json={"ref": "nope"})
+            assert r.status_code == 404 and "production→v1" in r.json()["detail"], r.text
+        reg.promote("shapes", v2.version, "production", reason="test")
+
+        async def traffic_and_reload():
+            async with httpx.AsyncClient(base_url=g.url, headers={"X-API-Key": KEY}, timeout=60) as ac:
+                async def one(i):
+                    return i, await ac.post("/v1/predict?top_k=2", content=datas[i % 8], headers={"content-type": "image/png"})
+                first = [asyncio.create_task(one(i)) for i in range(40)]
+                await asyncio.sleep(0.05)
+                rl = await ac.post("/v1/admin/reload")
+                rest = [asyncio.create_task(one(i)) for i in range(40, 60)]
+                return rl, await asyncio.gather(*first, *rest)
+        rl, results = asyncio.run(traffic_and_reload())
+        assert rl.status_code == 200, rl.text
+        assert rl.json()["changed"] is True and rl.json()["model"]["version"] == v2.version and rl.json()["previous"]["version"] == v1.version
+        versions = set()
+        for i, r in results:
+            assert r.status_code == 200, r.text  # no request dropped during the swap
+            v = r.json()["model"]["version"]; versions.add(v)
+            assert_topk(r.json()["predictions"], ref[v][i % 8])  # each answer comes whole from one model
+        assert v2.version in versions
+        with client(g) as c:
+            r = c.post("/v1/predict?top_k=2", content=datas[0], headers={"content-type": "image/png"})
+            assert r.json()["model"]["version"] == v2.version
+            r = c.post("/v1/admin/reload")
+            assert r.json()["changed"] is False
+        m = metrics(g)
+        assert sample(m, "cvops_model_info", role="champion", model="shapes", version=str(v2.version), backend="onnxruntime") == 1
+        assert ("cvops_model_info", tuple(sorted(dict(role="champion", model="shapes", version=str(v1.version), backend="onnxruntime").items()))) not in m
+
+
+# -- Triton -----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def triton(assets, tmp_path_factory):
+    triton_mod = pytest.importorskip("cvops.triton", reason="cvops.triton is not there")
+    repo = tmp_path_factory.mktemp("triton") / "repo"
+    triton_mod.build_repository(assets["a"], repo, "shapes", 1, variant="python")
+    server = triton_mod.TritonServer(repo, log_file=repo.parent / "triton.log")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_triton_backend_topk_down_and_recovery(assets, triton, tmp_path, protocol):
+    url = triton.http_url if protocol == "http" else triton.grpc_url
+    datas = [p.read_bytes() for p in assets["images"][:6]]
+    with Gateway("--model-dir", assets["a"], "--backend", "triton", "--triton-url", url, "--triton-protocol", protocol,
+                 "--triton-timeout", 5, env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g, client(g, None) as c:
+        assert c.get("/readyz").status_code == 200, c.get("/readyz").text
+        for d in datas:
+            r = c.post("/v1/predict", content=d, headers={"content-type": "image/png"})
+            assert r.status_code == 200, r.text
+            assert_topk(r.json()["predictions"], reference_topk(assets["a"], d), eps=1e-4)
+        rb = c.post("/v1/predict/batch", files=[("files", (f"{i}.png", d, "image/png")) for i, d in enumerate(datas)])
+        for got, d in zip(rb.json()["results"], datas): assert_topk(got["predictions"], reference_topk(assets["a"], d), eps=1e-4)
+        # Triton goes away: 503 with a message, never a 500
+        triton.stop()
+        r = c.post("/v1/predict", content=datas[0], headers={"content-type": "image/png"})
+        assert r.status_code == 503 and "backend unavailable" in r.json()["detail"] and url in r.json()["detail"], r.text
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["detail"], ready.text
+        # ... and comes back on the same ports: the gateway recovers by itself
+        assert triton._launch(), triton.log_path.read_text()[-2000:]
+        import time
+        for _ in range(100):
+            r = c.post("/v1/predict", content=datas[0], headers={"content-type": "image/png"})
+            if r.status_code == 200: break
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        assert_topk(r.json()["predictions"], reference_topk(assets["a"], datas[0]), eps=1e-4)
+        assert c.get("/readyz").status_code == 200
+
+
+# -- schemathesis ---------------------------------------------------------------------------------
+
+def test_schemathesis_finds_no_server_errors(gw, tmp_path):
+    exe = BIN / "schemathesis"
+    if not exe.exists(): pytest.skip("schemathesis is not installed in this environment")
+    r = subprocess.run([str(exe), "run", f"{gw.url}/openapi.json", "--checks", "not_a_server_error", "--max-examples", "25",
+                        "--seed", "1", "-H", f"X-API-Key: {KEY}", "--request-timeout", "20", "--workers", "1"],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert "/v1/predict" in r.stdout
