@@ -239,6 +239,11 @@ def test_stop_by_pid_leaves_nothing(bundle, triton_env, tmp_path):
         pid = srv.pid
         assert srv.is_ready() and not _gone(pid)
         assert np.isfinite(triton_infer(srv.grpc_url, NAME, batch(1), protocol="grpc")).all()
+        urls = (srv.http_url, srv.grpc_url)
+        srv.restart()  # same ports, new process: clients keep their URLs
+        assert (srv.http_url, srv.grpc_url) == urls and srv.pid != pid and _gone(pid)
+        pid = srv.pid
+        assert np.isfinite(triton_infer(srv.http_url, NAME, batch(1))).all()
     assert srv.pid is None and not srv.is_running()
     deadline = time.monotonic() + 5
     while not _gone(pid) and time.monotonic() < deadline:
