@@ -112,8 +112,15 @@ def test_env_has_numpy_1_and_is_reused(triton_env):
 
 
 def test_env_creation_failure_is_clear(tmp_path):
-    with pytest.raises(CvopsError, match="could not create the Triton env"):
+    with pytest.raises(CvopsError, match="could not create the Triton env") as err:
         ensure_triton_env(tmp_path / "env", python=tmp_path / "no-such-python")
+    assert "no-such-python" in str(err.value) and (tmp_path / "env.log").is_file()
+    precious = tmp_path / "not-an-env"
+    precious.mkdir()
+    (precious / "keep.txt").write_text("user data")
+    with pytest.raises(CvopsError, match="is not a virtual environment"):
+        ensure_triton_env(precious)
+    assert (precious / "keep.txt").read_text() == "user data"  # never deleted to make room for an env
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
