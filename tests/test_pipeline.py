@@ -178,3 +178,18 @@ def test_hung_kernel_times_out(sleeper_project):
     r = run_cli("run", "--stages", "ingest", "--timeout", "5", cwd=sleeper_project, timeout=180)
     assert r.returncode == 1 and "longer than the timeout of 5 s" in r.stderr, r.stderr
     assert time.time() - t0 < 90
+
+
+@pytest.mark.parametrize("stage", ["ingest", "curate", "train", "evaluate", "gate", "export", "deploy"])
+def test_stage_notebook_parameters_match_the_declared_schema(stage):
+    "The parameters cell of each stage notebook declares exactly its Params model's fields, with the same defaults."
+    import papermill as pm
+    from cvops.config import load_config
+    from cvops.pipeline import STAGES, stage_notebook
+    nb = stage_notebook(load_config(ROOT), stage)
+    declared = pm.inspect_notebook(str(nb))
+    schema = STAGES[stage].schema()
+    assert set(declared) == set(schema.model_fields) | {"run_dir", "stage_dir"}, (nb, sorted(declared))
+    for name, field in schema.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        assert eval(declared[name]["default"]) == default, (stage, name, declared[name]["default"], default)
