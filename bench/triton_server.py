@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--size", type=int, default=64)
     ap.add_argument("--starts", type=int, default=3, help="server starts to time")
+    ap.add_argument("--ort-threads", type=int, default=0, help="ONNX Runtime intra-op threads in Triton's model.py (0: its default)")
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -65,17 +66,19 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-triton-"))
     bundle = make_bundle(work / "bundle", args.size)
     build_repository(bundle, work / "repo", "bench", batching={"max_batch_size": 32, "preferred_batch_sizes": [8, 16, 32],
-                                                               "max_queue_delay_us": 100})
+                                                               "max_queue_delay_us": 100},
+                     ort_threads=args.ort_threads)
     x1 = np.random.default_rng(1).normal(size=(1, 3, args.size, args.size)).astype(np.float32)
     x32 = np.random.default_rng(2).normal(size=(32, 3, args.size, args.size)).astype(np.float32)
     sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
     inproc = summary(timed(lambda: sess.run(["logits"], {"input": x1}), args.requests))
     inproc32 = summary(timed(lambda: sess.run(["logits"], {"input": x32}), max(20, args.requests // 10)))
 
-    starts = []
+    starts, stops = [], []
     for _ in range(args.starts):
-        with TritonServer(work / "repo", env=env, log_file=work / "start.log") as srv:
-            starts.append(srv.startup_seconds)
+        srv = TritonServer(work / "repo", env=env, log_file=work / "start.log").start()
+        starts.append(srv.startup_seconds)
+        t = time.monotonic(); srv.stop(); stops.append(time.monotonic() - t)
     results = {}
     with TritonServer(work / "repo", env=env, log_file=work / "triton.log") as srv:
         for proto, mod, url in (("http", httpclient, srv.http_url), ("grpc", grpcclient, srv.grpc_url)):
@@ -92,12 +95,13 @@ def main():
             results[proto] = {"batch1": b1, "batch32": b32, "batch32_images_per_s": round(32e3 / b32["p50_ms"], 1),
                               "overhead_p50_ms": round(b1["p50_ms"] - inproc["p50_ms"], 3)}
 
-    report = {"machine": platform.node(), "size": args.size, "env_ready_seconds": round(env_seconds, 2),
+    report = {"machine": platform.node(), "size": args.size, "ort_threads": args.ort_threads, "env_ready_seconds": round(env_seconds, 2),
               "startup_seconds": [round(s, 2) for s in starts], "startup_median_s": round(statistics.median(starts), 2),
+              "stop_seconds": [round(s, 2) for s in stops],
               "inprocess_onnxruntime": {"batch1": inproc, "batch32": inproc32,
                                         "batch32_images_per_s": round(32e3 / inproc32["p50_ms"], 1)}, **results}
     print(f"tritonserver start → ready: median {report['startup_median_s']:.2f} s over {len(starts)} starts "
-          f"(SPEC §8 reference: ≈2 s)")
+          f"(SPEC §8 reference: ≈2 s); stop (SIGTERM → exit) median {statistics.median(stops):.2f} s")
     print(f"{'path':<26}{'b1 p50 ms':>10}{'b1 p99 ms':>10}{'b32 img/s':>11}{'overhead p50':>14}  reference")
     print(f"{'ONNX Runtime in-process':<26}{inproc['p50_ms']:>10.3f}{inproc['p99_ms']:>10.3f}"
           f"{report['inprocess_onnxruntime']['batch32_images_per_s']:>11.0f}{'':>14}")
