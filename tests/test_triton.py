@@ -7,9 +7,9 @@ The Triton env is created on first use (≈30 s) under the project's `.cvops/tri
 reused afterwards."""
 import json
 import os
-import signal
 import subprocess
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -242,10 +242,14 @@ def test_bad_parameters_are_refused(bundle, tmp_path):
 
 def test_stop_by_pid_leaves_nothing(bundle, triton_env, tmp_path):
     build_repository(bundle, tmp_path / "repo", NAME)
-    with TritonServer(tmp_path / "repo", env=triton_env, log_file=tmp_path / "t.log") as srv:
+    with TritonServer(tmp_path / "repo", env=triton_env, log_file=tmp_path / "t.log", metrics=True) as srv:
         pid = srv.pid
         assert srv.is_ready() and not _gone(pid)
         assert np.isfinite(triton_infer(srv.grpc_url, NAME, batch(1), protocol="grpc")).all()
+        assert srv.metrics_url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(srv.metrics_url, timeout=5) as r:
+            metrics = r.read().decode()
+        assert f'nv_inference_request_success{{model="{NAME}",version="1"}} 1' in metrics, metrics[:2000]
         urls = (srv.http_url, srv.grpc_url)
         srv.restart()  # same ports, new process: clients keep their URLs
         assert (srv.http_url, srv.grpc_url) == urls and srv.pid != pid and _gone(pid)
@@ -268,3 +272,14 @@ def test_broken_model_fails_with_log_tail(bundle, triton_env, tmp_path):
     msg = str(err.value)
     assert "t.log" in msg and f"failed to load '{NAME}'" in msg and "INVALID_PROTOBUF" in msg, msg  # the cause, from the log
     assert srv.pid is None and not srv.is_running() and _gone(srv.last_pid)
+    # explicit control mode loads only the models named: the broken one stays out of the way
+    build_repository(bundle, tmp_path / "repo", "good")
+    with TritonServer(tmp_path / "repo", env=triton_env, log_file=tmp_path / "t2.log", control_mode="explicit",
+                      models=["good"]) as srv:
+        client = httpclient.InferenceServerClient(srv.http_url)
+        try:
+            index = {m["name"]: m.get("state") for m in client.get_model_repository_index()}
+        finally:
+            client.close()
+        assert index == {"good": "READY", NAME: None}, index
+        assert np.isfinite(triton_infer(srv.http_url, "good", batch(2))).all()
