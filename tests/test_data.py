@@ -30,9 +30,10 @@ def project(tmp_path_factory):
     env = {"CVOPS_HOME": str(root / ".cvops"), "CVOPS_STORE_URL": str(root / "store"), "FIFTYONE_DO_NOT_TRACK": "true"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from cvops.data import fiftyone_db
-    fo = fiftyone_db()
+    from cvops.data import close_db, fiftyone_db
+    fiftyone_db()
     yield root
+    close_db()  # stop this session's mongod before pytest removes its folder
     for k, v in old.items():
         if v is None: os.environ.pop(k, None)
         else: os.environ[k] = v

@@ -1,0 +1,103 @@
+"""Ingest rate (SPEC §7): samples/s of `cvops.data.ingest` into FiftyOne (bundled MongoDB) vs a plain directory walk
++ sha256 of every file, on a few thousand synthetic images. Also shows walk + hash + decode (`load_image`, the check
+that quarantines corrupt files: the floor any ingest that validates images must pay) and a re-ingest (all
+duplicates). Everything runs in a throwaway project; prints side by side with the target and writes
+bench/results/ingest.json."""
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.5  # ingest samples/s ÷ walk+hash files/s (SPEC §7)
+
+
+def walk_hash(src: Path) -> int:
+    n = 0
+    for dirpath, _, files in os.walk(src):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh: hashlib.sha256(fh.read()).hexdigest()
+            n += 1
+    return n
+
+
+def walk_hash_decode(src: Path) -> int:
+    from cvops.preprocess import load_image
+    n = 0
+    for dirpath, _, files in os.walk(src):
+        for f in files:
+            with open(os.path.join(dirpath, f), "rb") as fh: data = fh.read()
+            hashlib.sha256(data).hexdigest(); load_image(data); n += 1
+    return n
+
+
+def rate(fn, *args, repeat=3):
+    "Best of `repeat` runs: (items/s, seconds)."
+    best = None
+    for _ in range(repeat):
+        t0 = time.perf_counter(); n = fn(*args); dt = time.perf_counter() - t0
+        best = dt if best is None or dt < best else best
+    return n / best, best
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=3000, help="synthetic images")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest.json"))
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="cvops-bench-ingest-"))
+    os.environ.update(CVOPS_HOME=str(work / ".cvops"), CVOPS_STORE_URL=str(work / "store"), FIFTYONE_DO_NOT_TRACK="true")
+    from cvops.synth import generate
+    from cvops.data import fiftyone_db, ingest, create_version
+    src = work / "src"
+    generate(out=src, n=args.n, seed=0, size=args.size, progress=False)
+    walk_hash(src)  # warm the page cache: every measurement below reads from memory
+
+    walk_rate, walk_s = rate(walk_hash, src)
+    decode_rate, decode_s = rate(walk_hash_decode, src)
+    t0 = time.perf_counter(); fiftyone_db(); db_start = time.perf_counter() - t0
+    t0 = time.perf_counter(); rep = ingest(src, "bench", progress=False); ingest_s = time.perf_counter() - t0
+    assert rep.added == args.n, rep.summary()
+    t0 = time.perf_counter(); rep2 = ingest(src, "bench", progress=False); reingest_s = time.perf_counter() - t0
+    assert rep2.nothing_new
+    t0 = time.perf_counter(); v = create_version("bench"); version_s = time.perf_counter() - t0
+    ingest_rate = args.n / ingest_s
+    ratio = ingest_rate / walk_rate
+    res = {
+        "n": args.n, "size": args.size,
+        "walk_hash": {"files_per_s": round(walk_rate, 1), "seconds": round(walk_s, 3)},
+        "walk_hash_decode": {"files_per_s": round(decode_rate, 1), "seconds": round(decode_s, 3)},
+        "ingest": {"samples_per_s": round(ingest_rate, 1), "seconds": round(ingest_s, 3)},
+        "reingest_all_duplicates": {"files_per_s": round(args.n / reingest_s, 1), "seconds": round(reingest_s, 3)},
+        "create_version": {"seconds": round(version_s, 3), "samples": len(v.samples)},
+        "db_start_seconds": round(db_start, 2),
+        "ratio_ingest_vs_walk_hash": round(ratio, 3), "ratio_ingest_vs_walk_hash_decode": round(ingest_rate / decode_rate, 3),
+        "target_ratio": TARGET, "meets_target": ratio >= TARGET,
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+    }
+    print(f"ingest benchmark: {args.n} synthetic {args.size}px PNGs, bundled MongoDB (started in {db_start:.1f} s)")
+    print(f"{'measure':<40}{'rate':>14}{'seconds':>10}")
+    print(f"{'walk + sha256':<40}{walk_rate:>10.0f} /s{walk_s:>10.2f}")
+    print(f"{'walk + sha256 + decode (load_image)':<40}{decode_rate:>10.0f} /s{decode_s:>10.2f}")
+    print(f"{'cvops ingest into FiftyOne':<40}{ingest_rate:>10.0f} /s{ingest_s:>10.2f}")
+    print(f"{'re-ingest (all already present)':<40}{args.n / reingest_s:>10.0f} /s{reingest_s:>10.2f}")
+    print(f"{'create_version (blobs + manifest)':<40}{'':>14}{version_s:>10.2f}")
+    print(f"ingest ÷ walk+hash: {ratio:.3f}x   target ≥ {TARGET}x   {'MET' if ratio >= TARGET else 'NOT MET'}")
+    print(f"ingest ÷ walk+hash+decode: {ingest_rate / decode_rate:.3f}x")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=2))
+    print(f"wrote {args.out}")
+    import shutil
+    from cvops.data import close_db
+    close_db()  # stop the benchmark's mongod before its folder goes
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
