@@ -247,9 +247,14 @@ def test_stop_by_pid_leaves_nothing(bundle, triton_env, tmp_path):
         assert srv.is_ready() and not _gone(pid)
         assert np.isfinite(triton_infer(srv.grpc_url, NAME, batch(1), protocol="grpc")).all()
         assert srv.metrics_url.startswith("http://127.0.0.1:")
-        with urllib.request.urlopen(srv.metrics_url, timeout=5) as r:
-            metrics = r.read().decode()
-        assert f'nv_inference_request_success{{model="{NAME}",version="1"}} 1' in metrics, metrics[:2000]
+        want = f'nv_inference_request_success{{model="{NAME}",version="1"}} 1'
+        for _ in range(50):  # Triton counts a request just after answering it
+            with urllib.request.urlopen(srv.metrics_url, timeout=5) as r:
+                metrics = r.read().decode()
+            if want in metrics:
+                break
+            time.sleep(0.1)
+        assert want in metrics, metrics[:2000]
         urls = (srv.http_url, srv.grpc_url)
         srv.restart()  # same ports, new process: clients keep their URLs
         assert (srv.http_url, srv.grpc_url) == urls and srv.pid != pid and _gone(pid)
