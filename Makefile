@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cvops-installed
 export FIFTYONE_DO_NOT_TRACK ?= true
 export WANDB_SILENT ?= true
 
-.PHONY: demo test install check-sync nbtest pytest readme bench clean
+.PHONY: demo test install check-sync nbtest pytest readme bench docs clean
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ pytest:
 
 readme: install
 	$(BIN)/jupyter nbconvert --log-level ERROR --to markdown nbs/index.ipynb --output-dir . --output README
+
+## docs site from the notebooks, into _docs/ (cvops docs --serve to look at it)
+docs: install
+	$(BIN)/cvops docs
 
 bench: install
 	$(BIN)/cvops bench
