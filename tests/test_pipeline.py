@@ -125,7 +125,7 @@ def test_failed_stage_keeps_evidence_and_resume_finishes(project, tmp_path):
     assert m2["status"] == "ok"
     ev = next(s for s in m2["stages"] if s["name"] == "evaluate")
     assert ev["started"] == evaluate_started, "a finished stage must not run again"
-    assert "evaluate  " in r.stderr and "done in the resumed run" in r.stderr
+    assert "evaluate" in r.stdout and "done in the resumed run" in r.stdout, r.stdout
 
 
 SLEEPER = """
