@@ -468,6 +468,23 @@ def test_cli_ingest_version_export_balance(project, tmp_path):
     assert [l.split()[-1] for l in r.stdout.splitlines()[1:5]] == ["4", "4", "4", "4"], r.stdout
 
 
+def test_cli_review_and_label(project, tmp_path):
+    from cvops.data import ingest, open_dataset
+    flat = tmp_path / "flat"; flat.mkdir()
+    for i, f in enumerate(sorted(synth(tmp_path / "raw", 3, seed=22).rglob("*.png"))): shutil.copy(f, flat / f"{i}.png")
+    (flat / "broken.png").write_bytes(b"")
+    ds_name = name("rev")
+    ingest(flat, ds_name, fmt="folder", progress=False)                        # top-level files: unlabelled
+    r = run_cli("data", "review", "needs_label", "-d", ds_name)
+    assert r.returncode == 0 and r.stdout.startswith("needs_label: 3 samples (saved view 'needs_label'"), r
+    r = run_cli("data", "review", "quarantined", "-d", ds_name)
+    assert r.returncode == 0 and "quarantined: 1 samples" in r.stdout and "empty image" in r.stdout, r
+    sha = sha256_file(flat / "1.png")
+    r = run_cli("data", "label", sha[:10], "circle", "-d", ds_name)
+    assert r.returncode == 0 and f"labelled sample {sha[:10]} as 'circle'" in r.stdout, r
+    assert open_dataset(ds_name).count_values("ground_truth.label") == {"circle": 1, None: 3}
+
+
 @pytest.mark.parametrize("args, needle", [
     (["ingest", "/no/such/folder"], "error: no source path named '/no/such/folder'"),
     (["export", "0123456789abcdef", "--out", "/tmp/x", "-d", "never-versioned"], "error: no version of dataset 'never-versioned'"),
