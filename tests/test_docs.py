@@ -62,7 +62,7 @@ def test_site_has_every_kind_of_page(site):
     assert "Quick start" in home and 'href="api/index.html"' in home
     # the nav is generated from the notebooks found: every library notebook has its page
     for nb in (ROOT / "nbs").glob("[0-9]*.ipynb"):
-        m = re.search(r"#\|\s*default_exp\s+(\S+)", nb.read_text())
+        m = re.search(r"#\|\s*default_exp\s+([\w.]+)", nb.read_text())
         if m: assert (site / "library" / f"{m.group(1)}.html").exists(), nb.name
 
 
