@@ -1,0 +1,145 @@
+"""Training throughput (SPEC §7): images/s of the Lightning path (cvops' `ImageClassifier` + `lightning.Trainer`
+with the options `cvops.train` uses: deterministic, per-epoch history callback, optionally the W&B offline logger)
+against a plain PyTorch loop on the same model, data, augmentation, optimiser and schedule. Data: synthetic shapes
+decoded once with the shared preprocessing, held in memory, served by the same DataLoader. Runs alternate
+(Lightning, plain, Lightning, plain …) so a busy shared CPU hurts both alike; the best of `--repeat` is reported.
+On a GPU both paths use the same precision (bf16/fp16 autocast) and channels-last. Prints side by side with the
+target and writes bench/results/train.json."""
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cvops.train sets it (spinning OpenMP threads on a shared CPU)
+ROOT = Path(__file__).resolve().parents[1]
+TARGET = 0.95  # Lightning images/s ÷ plain loop images/s (SPEC §7)
+
+
+def load_data(n, size, seed=0):
+    "n synthetic images → shared preprocessing → (x, y) tensors in memory."
+    import numpy as np, torch
+    from cvops.preprocess import PreprocessSpec, load_image, to_input
+    from cvops.synth import generate
+    with tempfile.TemporaryDirectory() as d:
+        generate(out=d, n=n, seed=seed, size=size, progress=False)
+        files = sorted(Path(d).rglob("*.png"))
+        classes = sorted({f.parent.name for f in files})
+        spec = PreprocessSpec(size=size)
+        x = np.stack([to_input(load_image(f.read_bytes()), spec) for f in files])
+        y = np.array([classes.index(f.parent.name) for f in files])
+    return torch.from_numpy(x), torch.from_numpy(y), classes
+
+
+def loader(x, y, batch_size, seed):
+    import torch
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size, shuffle=True,
+                                       drop_last=True, generator=torch.Generator().manual_seed(seed))
+
+
+def run_lightning(x, y, classes, a, wandb_dir=None):
+    "Images/s of `Trainer.fit` (training only) with cvops' module and trainer options."
+    import lightning as L
+    from cvops.tasks import ImageClassifier
+    from cvops.train import TrainParams, _history_callback, trainer_options
+    p = TrainParams(backbone=a.backbone, epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, precision=a.precision)
+    opts = trainer_options(p)
+    cuda = opts["accelerator"] == "auto" and __import__("torch").cuda.is_available()
+    L.seed_everything(0, verbose=False)
+    module = ImageClassifier(a.backbone, tuple(classes), lr=a.lr, augment=True, channels_last=cuda)
+    logger = False
+    if wandb_dir:
+        from lightning.pytorch.loggers import WandbLogger
+        logger = WandbLogger(project="cvops-bench", save_dir=wandb_dir, mode="offline")
+    trainer = L.Trainer(**opts, logger=logger, callbacks=[_history_callback()], enable_checkpointing=False,
+                        enable_model_summary=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, log_every_n_steps=1)
+    dl = loader(x, y, a.batch_size, 0)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*limit_val_batches=0.*")
+        t0 = time.perf_counter(); trainer.fit(module, train_dataloaders=dl); dt = time.perf_counter() - t0
+    if logger: logger.experiment.finish()
+    return a.epochs * len(dl) * a.batch_size / dt, opts["precision"]
+
+
+def run_plain(x, y, classes, a, precision):
+    "Images/s of a hand-written loop: same backbone, augmentation, AdamW + one-cycle, same DataLoader."
+    import torch, torch.nn.functional as F
+    from cvops.tasks import augment_batch, build_backbone
+    torch.manual_seed(0)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_backbone(a.backbone, len(classes)).to(dev)
+    cl = dev.type == "cuda"
+    if cl: model = model.to(memory_format=torch.channels_last)
+    dl = loader(x, y, a.batch_size, 0)
+    t0 = time.perf_counter()
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(10, a.epochs * len(dl)), pct_start=0.25)
+    gen = torch.Generator().manual_seed(0)
+    amp = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(enabled=amp is torch.float16)
+    model.train()
+    for _ in range(a.epochs):
+        for xb, yb in dl:
+            xb, yb = xb.to(dev, non_blocking=True), yb.to(dev, non_blocking=True)
+            xb = augment_batch(xb, gen)
+            if cl: xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(dev.type, dtype=amp, enabled=amp is not None):
+                loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward(); scaler.step(opt); scaler.update(); sched.step()
+            (yb == 0).sum().item()  # the per-step sync Lightning's epoch-level logging also pays
+    if dev.type == "cuda": torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    return a.epochs * len(dl) * a.batch_size / dt
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=384, help="training images (synthetic shapes)")
+    ap.add_argument("--size", type=int, default=64, help="image side in pixels")
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--epochs", type=int, default=2, help="epochs per measured fit")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--repeat", type=int, default=3, help="alternating rounds; the best of each is reported")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "train.json"))
+    a = ap.parse_args()
+    os.environ.setdefault("WANDB_SILENT", "true"); os.environ.setdefault("WANDB_MODE", "offline")
+    import logging, torch
+    for name in ("lightning.pytorch", "lightning.fabric"): logging.getLogger(name).setLevel(logging.WARNING)
+    x, y, classes = load_data(a.n, a.size)
+    wandb_dir = tempfile.mkdtemp(prefix="cvops-bench-wandb-")
+    res = {"lightning": [], "lightning_wandb": [], "plain": []}
+    run_plain(x[:a.batch_size * 4], y[:a.batch_size * 4], classes, argparse.Namespace(**{**vars(a), "epochs": 1}), None)  # warm-up
+    for r in range(a.repeat):
+        ips, precision = run_lightning(x, y, classes, a); res["lightning"].append(ips)
+        res["plain"].append(run_plain(x, y, classes, a, precision))
+        res["lightning_wandb"].append(run_lightning(x, y, classes, a, wandb_dir)[0])
+        print(f"round {r + 1}: lightning {res['lightning'][-1]:.1f}  plain {res['plain'][-1]:.1f}  "
+              f"lightning+W&B {res['lightning_wandb'][-1]:.1f} img/s", file=sys.stderr)
+    best = {k: max(v) for k, v in res.items()}
+    ratio, ratio_wb = best["lightning"] / best["plain"], best["lightning_wandb"] / best["plain"]
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    print(f"\ntraining throughput, {a.backbone} {a.size}px, batch {a.batch_size}, {a.n} images × {a.epochs} epochs, "
+          f"precision {precision}, device {device}, best of {a.repeat}")
+    print(f"{'path':<28}{'images/s':>12}{'ratio':>10}{'target':>10}")
+    print(f"{'plain PyTorch loop':<28}{best['plain']:>12.1f}{1.0:>10.3f}")
+    print(f"{'Lightning (cvops)':<28}{best['lightning']:>12.1f}{ratio:>10.3f}{'≥ ' + str(TARGET):>10}  {'PASS' if ratio >= TARGET else 'MISS'}")
+    print(f"{'Lightning + W&B offline':<28}{best['lightning_wandb']:>12.1f}{ratio_wb:>10.3f}{'≥ ' + str(TARGET):>10}  {'PASS' if ratio_wb >= TARGET else 'MISS'}")
+    out = dict(measure="training images/s, Lightning ÷ plain PyTorch", target=TARGET, ratio=ratio, ratio_with_wandb=ratio_wb,
+               images_per_s=best, rounds=res, device=device, precision=precision, torch=torch.__version__,
+               params=vars(a), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()
