@@ -130,6 +130,9 @@ def test_failed_stage_keeps_evidence_and_resume_finishes(project, tmp_path):
 
 SLEEPER = """
 import time
+from pathlib import Path
+Path(stage_dir).mkdir(parents=True, exist_ok=True)
+(Path(stage_dir) / "sleeping").touch()  # the test waits for this before killing the kernel mid-cell
 time.sleep(600)
 """
 
@@ -160,11 +163,10 @@ def sleeper_project(tmp_path):
 def test_killed_kernel_is_reported_within_the_timeout(sleeper_project):
     proc = subprocess.Popen([str(BIN / "cvops"), "run", "--stages", "ingest", "--timeout", "120"], cwd=sleeper_project,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 90
-    while time.time() < deadline and not _kernel_pids(proc.pid): time.sleep(0.5)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(sleeper_project.glob(".cvops/runs/*/ingest/sleeping")): time.sleep(0.5)
     kernels = _kernel_pids(proc.pid)
-    assert kernels, "the stage kernel never started"
-    time.sleep(3)  # let it reach the sleeping cell
+    assert kernels, "the stage kernel never reached its sleeping cell"
     t0 = time.time()
     for pid in kernels: os.kill(pid, signal.SIGKILL)  # as the OOM killer would
     out, err = proc.communicate(timeout=120)
