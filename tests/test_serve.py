@@ -437,3 +437,18 @@ def test_schemathesis_finds_no_server_errors(gw, tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert "/v1/predict" in r.stdout
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, env, code, needle", [
+    (["--model-dir", "/nonexistent/bundle"], {}, 2, "model bundle folder /nonexistent/bundle does not exist"),
+    ([], {"CVOPS_MODEL": "nomodel"}, 1, "no model named 'nomodel'"),
+    (["--backend", "tensorflow"], {}, 2, "backend"),
+    (["--capture-rate", "2"], {}, 2, "capture_rate"),
+])
+def test_cli_startup_errors_are_one_line(tmp_path, args, env, code, needle):
+    r = subprocess.run([str(BIN / "cvops"), "serve", "--port", "0", *args], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                       env={**os.environ, "CVOPS_HOME": str(tmp_path / "home"), "CVOPS_STORE_URL": str(tmp_path / "store"), **env})
+    assert r.returncode == code, (r.returncode, r.stderr)
+    assert needle in r.stderr and "Traceback" not in r.stderr, r.stderr
