@@ -45,10 +45,12 @@ def run_in_one_process(project: Path, assignments: list[str]) -> None:
         stage_dir = run_dir / spec.name
         ns = dict(params, run_dir=str(run_dir), stage_dir=str(stage_dir), display=display, __name__="__stage__")
         nb = nbformat.read(stage_notebook(cfg, spec.name), as_version=4)
+        t0 = time.perf_counter()
         for cell in nb.cells:
             if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
                 exec(compile(cell.source, f"{spec.name}", "exec"), ns)
         outputs[spec.name] = json.loads((stage_dir / "outputs.json").read_text())
+        print(f"in one process: {spec.name} {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
 def timed(cmd: list[str], cwd: Path) -> float:
