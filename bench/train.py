@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import sys
 import tempfile
 import time
@@ -143,6 +144,8 @@ def main():
     best_ep = {k: max(v) for k, v in ep.items()}
     ratio, ratio_wb = best["lightning"] / best["plain"], best["lightning_wandb"] / best["plain"]
     ratio_ep, ratio_ep_wb = best_ep["lightning"] / best_ep["plain"], best_ep["lightning_wandb"] / best_ep["plain"]
+    med = lambda k, d: statistics.median(l / q for l, q in zip(d[k], d["plain"]))  # paired within a round: drift-robust
+    paired = {k: dict(epoch=med(k, ep), fit=med(k, res)) for k in ("lightning", "lightning_wandb")}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
     print(f"\ntraining throughput, {a.backbone} {a.size}px, batch {a.batch_size}, {a.n} images × {a.epochs} epochs, "
           f"precision {precision}, device {device}, best of {a.repeat}")
@@ -153,9 +156,11 @@ def main():
     row("Lightning (cvops)", "lightning", ratio_ep, True)
     row("Lightning + W&B offline", "lightning_wandb", ratio_ep_wb, True)
     print(f"ratio = best steady-state epoch ÷ plain loop's; whole fit incl. Trainer setup: {ratio:.3f} (W&B {ratio_wb:.3f})")
+    print("median of per-round paired ratios (epoch / fit): " +
+          ", ".join(f"{k} {v['epoch']:.3f} / {v['fit']:.3f}" for k, v in paired.items()))
     out = dict(measure="training images/s, Lightning ÷ plain PyTorch (best steady-state epoch)", target=TARGET,
                ratio=ratio_ep, ratio_with_wandb=ratio_ep_wb, ratio_whole_fit=ratio, ratio_whole_fit_with_wandb=ratio_wb,
-               images_per_s_epoch=best_ep, images_per_s_fit=best, rounds_fit=res, rounds_epoch=ep, device=device, precision=precision, torch=torch.__version__,
+               paired_median_ratios=paired, images_per_s_epoch=best_ep, images_per_s_fit=best, rounds_fit=res, rounds_epoch=ep, device=device, precision=precision, torch=torch.__version__,
                params=vars(a), time=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
