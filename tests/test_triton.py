@@ -232,7 +232,7 @@ def test_bad_parameters_are_refused(bundle, tmp_path):
         build_repository(bundle, tmp_path, "m", variant="onnxruntime-trt", instances={"kind": "cpu"})
     with pytest.raises(ParameterError, match="needs a TensorRT engine file"):
         build_repository(bundle, tmp_path, "m", variant="tensorrt")
-    with pytest.raises(ParameterError, match="invalid Triton model name"):
+    with pytest.raises(ParameterError, match="invalid model name"):
         build_repository(bundle, tmp_path, "../escape")
     with pytest.raises(ParameterError, match="variant must be one of"):
         build_repository(bundle, tmp_path, "m", variant="pytorch")
