@@ -62,7 +62,7 @@ def timed(cmd: list[str], cwd: Path) -> float:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--synth-n", type=int, default=800)
+    ap.add_argument("--synth-n", type=int, default=1200)
     ap.add_argument("--epochs", type=int, default=None, help="training epochs (default: the training default)")
     ap.add_argument("--inprocess", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("-p", dest="assignments", action="append", default=[], help=argparse.SUPPRESS)
