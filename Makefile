@@ -28,7 +28,8 @@ test: install
 # nbdev_export must not change cvops/ (the library is generated from nbs/); a hand edit is kept, and reported.
 check-sync:
 	@snap=$$(mktemp -d); cp -a cvops "$$snap/cvops"; \
-	$(BIN)/nbdev_export; \
+	if ! $(BIN)/nbdev_export; then rm -rf cvops; cp -a "$$snap/cvops" cvops; rm -rf "$$snap"; \
+	  echo "ERROR: nbdev_export failed: cannot check cvops/ against the notebooks." >&2; exit 1; fi; \
 	if ! diff -r -q -x __pycache__ "$$snap/cvops" cvops; then \
 	  rm -rf cvops; cp -a "$$snap/cvops" cvops; rm -rf "$$snap"; \
 	  echo "ERROR: cvops/ differs from what the notebooks export. cvops/*.py is generated: do not edit it by hand." >&2; \
@@ -45,8 +46,20 @@ check-sync:
 nbtest:
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
+# One pytest process per test file: FiftyOne connects to one database per process, and each file's fixtures
+# use a throw-away project with its own database. The last line sums up all files.
 pytest:
-	$(BIN)/python -m pytest tests -ra
+	@rm -rf .cvops/test-results; mkdir -p .cvops/test-results; fail=0; \
+	for f in tests/test_*.py; do \
+	  echo "=== $$f"; \
+	  $(BIN)/python -m pytest "$$f" -ra -p no:cacheprovider --junitxml=.cvops/test-results/$$(basename $$f .py).xml || fail=1; \
+	done; \
+	$(BIN)/python -c "import glob, xml.etree.ElementTree as ET; \
+	s = [ET.parse(f).getroot() for f in glob.glob('.cvops/test-results/*.xml')]; \
+	s = [x if x.tag == 'testsuite' else x.find('testsuite') for x in s]; \
+	n = lambda k: sum(int(x.get(k, 0)) for x in s); \
+	print(f\"tests: {n('tests') - n('failures') - n('errors') - n('skipped')} passed, {n('failures') + n('errors')} failed, {n('skipped')} skipped\")"; \
+	exit $$fail
 
 readme: install
 	$(BIN)/jupyter nbconvert --log-level ERROR --to markdown nbs/index.ipynb --output-dir . --output README
