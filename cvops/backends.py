@@ -15,22 +15,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import CvopsError, NotFoundError
+from .errors import CvopsError, NotFoundError, BundleError, BackendUnavailable
 from .preprocess import PreprocessSpec
 
 # %% auto #0
-__all__ = ['BUNDLE_FILES', 'BundleError', 'BackendUnavailable', 'ModelBundle', 'Backend', 'ort_session', 'OnnxBackend',
-           'TritonBackend', 'make_backend']
+__all__ = ['BUNDLE_FILES', 'ModelBundle', 'Backend', 'ort_session', 'OnnxBackend', 'TritonBackend', 'make_backend']
 
 # %% ../nbs/41_backends.ipynb #15b0b6b1
-class BundleError(CvopsError):
-    "A model bundle folder that is missing files or whose files disagree."
-    exit_code = 2
-
-class BackendUnavailable(CvopsError):
-    "The inference backend cannot answer right now (down, unreachable, model not loaded): HTTP 503."
-    exit_code = 3
-
 BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")
 
 @dataclass(frozen=True)

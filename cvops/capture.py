@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import fsspec
 
-from .config import CvopsError
+from .errors import CvopsError
 from .store import sha256_bytes
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,8 @@ from typing import Callable
 import click
 
 import cvops
-from .config import CvopsError, Params, parse_assignments, validate_params
+from .config import Params, parse_assignments, validate_params
+from .errors import CvopsError
 
 # %% auto #0
 __all__ = ['COMMAND_MODULES', 'params_command', 'cli', 'data', 'data_synth', 'load_commands', 'main']

@@ -13,7 +13,8 @@ from pathlib import Path
 import click
 
 from .cli import cli
-from .config import NotFoundError, load_config
+from .config import load_config
+from .errors import NotFoundError
 
 # %% auto #0
 __all__ = ['bench_dir', 'bench_cmd']

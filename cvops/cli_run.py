@@ -32,7 +32,7 @@ def _report(stage, status, rec):
 @click.option("--list", "list_runs", is_flag=True, help="list the pipeline runs and exit")
 def run_cmd(params, stages, resume, no_cache, timeout, list_runs):
     "Run the pipeline of stage notebooks through papermill (ingest → curate → train → evaluate → gate → export → deploy)."
-    from cvops.config import ParameterError
+    from cvops.errors import ParameterError
     from cvops.pipeline import RunManifest, run_pipeline, runs_dir
     if list_runs:
         base = runs_dir()

@@ -13,32 +13,21 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from .errors import ParameterError
 
 # %% auto #0
-__all__ = ['CONFIG_FILE', 'DEFAULT_STAGES', 'CvopsError', 'ParameterError', 'NotFoundError', 'utc_now', 'Params', 'type_name',
+__all__ = ['PROCESS_DEFAULTS', 'CONFIG_FILE', 'DEFAULT_STAGES', 'set_process_defaults', 'utc_now', 'Params', 'type_name',
            'parse_assignments', 'validate_params', 'ProjectConfig', 'find_project_root', 'load_config']
 
-# %% ../nbs/00_config.ipynb #bf7ad5c4
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# %% ../nbs/00_config.ipynb #9a0c1e77
+PROCESS_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}  # environment defaults of every cvops entry point (see above)
 
-# %% ../nbs/00_config.ipynb #0cfc5fc6
-class CvopsError(Exception):
-    "An error the user can fix: the CLI prints the message (no traceback) and exits with `exit_code`."
-    exit_code = 1
-
-class ParameterError(CvopsError, ValueError):
-    "A parameter is unknown, missing or of the wrong type."
-    exit_code = 2
-
-class NotFoundError(CvopsError, LookupError):
-    "A named thing (dataset, version, model, alias, artifact) does not exist; the message lists what does."
-    exit_code = 1
-
-    def __init__(self, kind:str, name:str, available=()):
-        avail = sorted(map(str, available))
-        shown = ", ".join(avail[:20]) + (" …" if len(avail) > 20 else "")
-        super().__init__(f"no {kind} named {name!r}; available: {shown or '(none)'}")
-        self.kind, self.name, self.available = kind, name, avail
+def set_process_defaults(environ:dict|None=None, # the environment to fill (default: `os.environ`)
+                        ) -> dict:               # the environment, with each default set unless already set
+    "Fill in `PROCESS_DEFAULTS` where the user set nothing; call it at an entry point, before torch is imported."
+    environ = os.environ if environ is None else environ
+    for k, v in PROCESS_DEFAULTS.items(): environ.setdefault(k, v)
+    return environ
 
 # %% ../nbs/00_config.ipynb #fe84e082
 def utc_now() -> str:

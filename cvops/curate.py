@@ -11,7 +11,8 @@ from typing import Iterable
 
 import numpy as np
 
-from .config import CvopsError, NotFoundError, ParameterError, ProjectConfig, load_config
+from .config import ProjectConfig, load_config
+from .errors import CvopsError, NotFoundError, ParameterError
 from .data import (SPLITS, DatasetVersion, _check_label, fiftyone_db, load_version, open_dataset, version_view)
 from .preprocess import load_image
 

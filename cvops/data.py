@@ -21,9 +21,12 @@ from typing import Any, Callable, Literal
 
 from pydantic import BaseModel
 
-from .config import CvopsError, NotFoundError, ParameterError, ProjectConfig, load_config
-from .preprocess import ImageError, load_image
-from .store import ArtifactStore, IntegrityError, project_store, sha256_bytes
+from .config import ProjectConfig, load_config
+from .errors import CvopsError, NotFoundError, ParameterError
+from .preprocess import load_image
+from .errors import ImageError
+from .store import ArtifactStore, project_store, sha256_bytes
+from .errors import IntegrityError
 
 # %% auto #0
 __all__ = ['SPLITS', 'DEFAULT_FRACTIONS', 'FORMATS', 'fiftyone_dir', 'fiftyone_db', 'close_db', 'split_for', 'SourceItem',

@@ -12,7 +12,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from .config import CvopsError, Params, ProjectConfig, load_config
+from .config import Params, ProjectConfig, load_config
+from .errors import CvopsError
 from .triton import free_port
 
 # %% auto #0

@@ -23,17 +23,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from .config import CvopsError, find_project_root
+from .config import find_project_root
+from .errors import CvopsError, DocsError
 
 # %% auto #0
-__all__ = ['SECTIONS', 'DocsError', 'DocPage', 'find_pages', 'has_docs', 'api_markdown', 'linkify', 'final_text', 'merge_streams',
+__all__ = ['SECTIONS', 'DocPage', 'find_pages', 'has_docs', 'api_markdown', 'linkify', 'final_text', 'merge_streams',
            'process_notebook', 'library_modules', 'symbol_table', 'api_page', 'check_links', 'external_assets',
            'DocsBuild', 'stage_run_notebooks', 'run_mkdocs', 'build_docs', 'serve_site']
-
-# %% ../nbs/80_docs.ipynb #bb4cc277
-class DocsError(CvopsError):
-    "The docs site did not build: a notebook failed to run, a link is broken, or mkdocs refused the site."
-    exit_code = 1
 
 # %% ../nbs/80_docs.ipynb #1b5e05b7
 SECTIONS = {"tutorials": "Tutorials", "library": "Library", "stages": "Pipeline stages", "notebooks": "Notebooks"}
@@ -507,7 +503,8 @@ def stage_run_notebooks(run:str,              # a pipeline run id, its folder, o
                         root:Path|None=None,  # project root
                        ) -> dict[str, Path]:  # stage name -> executed notebook
     "The executed stage notebooks of a pipeline run (`cvops run`), with their outputs and plots, for the stage pages."
-    from cvops.config import NotFoundError, load_config
+    from cvops.config import load_config
+    from cvops.errors import NotFoundError
     from cvops.pipeline import load_manifest, runs_dir
     cfg = load_config(root) if root else load_config()
     if run == "latest":

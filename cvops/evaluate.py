@@ -16,7 +16,9 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .config import CvopsError, NotFoundError, Params, ProjectConfig, load_config
+from .config import Params, ProjectConfig, load_config
+from .errors import CvopsError, NotFoundError
+from .preprocess import softmax
 from .store import ArtifactStore, project_store
 
 log = logging.getLogger(__name__)
@@ -134,9 +136,6 @@ def predict_split(model, x, batch_size:int=128) -> np.ndarray:
         for i in range(0, len(x), batch_size): out.append(model(x[i:i + batch_size]).float())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
-def _softmax(z:np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(1, keepdims=True)); return e / e.sum(1, keepdims=True)
-
 def write_fiftyone(version, split:str, shas:list[str], classes:list[str], logits:np.ndarray, key:str,
                    cfg:ProjectConfig) -> dict:
     "Write `predictions` on the split's samples of the version's FiftyOne view and run `evaluate_classifications`."
@@ -145,7 +144,7 @@ def write_fiftyone(version, split:str, shas:list[str], classes:list[str], logits
     ds = open_dataset(version.dataset, cfg)
     view = version_view(version, cfg=cfg).match(fo.ViewField("sha256").is_in(shas))
     ids = dict(zip(*view.values(["sha256", "id"])))
-    prob = _softmax(logits)
+    prob = softmax(logits)
     values = {ids[s]: fo.Classification(label=classes[int(prob[i].argmax())], confidence=float(prob[i].max()),
                                         logits=logits[i].astype(float).tolist())
               for i, s in enumerate(shas) if s in ids}
@@ -198,7 +197,7 @@ def evaluate(run_id:str="latest",             # training run id, or 'latest'
     model, classes, spec = load_model(run.id, store)
     x, y, shas = decode_split(version, split, store, spec, classes)
     logits = predict_split(model, x, batch_size)
-    metrics, confusion, cal = classification_metrics(y.numpy(), _softmax(logits), classes)
+    metrics, confusion, cal = classification_metrics(y.numpy(), softmax(logits), classes)
     title = f"{run.id} on {version.id}/{split}"
     pngs = dict(confusion=confusion_png(confusion, classes, title), reliability=reliability_png(cal, split))
     out = _plot_dir(cfg, run.id, version.id, split); out.mkdir(parents=True, exist_ok=True)

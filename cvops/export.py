@@ -15,22 +15,20 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .config import CvopsError, ParameterError, Params, ProjectConfig, load_config
+from .config import Params, ProjectConfig, load_config
+from .errors import CvopsError, ParameterError, ParityError
 from .preprocess import PreprocessSpec, load_image, to_input
 from .store import ArtifactStore, sha256_file
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'INPUT_NAME', 'OUTPUT_NAME', 'ParityError', 'Parity', 'ExportParams', 'export_onnx', 'onnx_session', 'compare',
-           'check_parity', 'write_bundle', 'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity',
-           'ExportResult', 'parity_images', 'export_run']
+__all__ = ['log', 'INPUT_NAME', 'OUTPUT_NAME', 'Parity', 'ExportParams', 'export_onnx', 'onnx_session', 'compare', 'check_parity',
+           'write_bundle', 'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult',
+           'parity_images', 'export_run']
 
 # %% ../nbs/30_export.ipynb #0f36bb2e
 INPUT_NAME, OUTPUT_NAME = "input", "logits"  # tensor names of every exported model (contract of a bundle)
-
-class ParityError(CvopsError):
-    "The exported model's outputs differ from the reference by more than the tolerance."
 
 class Parity(BaseModel):
     "How closely an exported model reproduces its reference on the same inputs."

@@ -20,15 +20,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 import cvops
-from .config import CvopsError, NotFoundError, ParameterError, Params, ProjectConfig, load_config, parse_assignments, utc_now, validate_params
+from .config import Params, ProjectConfig, load_config, parse_assignments, utc_now, validate_params
+from .errors import CvopsError, ParameterError, NotFoundError, StageError
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'STAGES', 'StageSpec', 'IngestStage', 'CurateStage', 'EvaluateStage', 'GateStage', 'ExportStage', 'DeployStage',
            'resolve_params', 'select_stages', 'save_outputs', 'stage_outputs', 'StageRecord', 'RunManifest', 'runs_dir',
-           'load_manifest', 'StageError', 'stage_notebook', 'code_fingerprint', 'StageKernel', 'execute_stage',
-           'run_pipeline']
+           'load_manifest', 'stage_notebook', 'code_fingerprint', 'StageKernel', 'execute_stage', 'run_pipeline']
 
 # %% ../nbs/50_pipeline.ipynb #cda996c1
 class StageSpec(BaseModel):
@@ -206,9 +206,6 @@ def load_manifest(run:str|Path, cfg:ProjectConfig|None=None) -> tuple[Path, RunM
     return d, RunManifest.model_validate_json((d / "manifest.json").read_text())
 
 # %% ../nbs/50_pipeline.ipynb #564545c9
-class StageError(CvopsError):
-    "A stage failed; the message names the stage, the failing cell and the kept notebook."
-
 def stage_notebook(cfg:ProjectConfig, name:str) -> Path:
     "The notebook of stage `name` in the project's stages folder."
     d = cfg.path(cfg.stages_dir)

@@ -11,21 +11,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
-
-from .config import CvopsError
+from .errors import CvopsError, ImageError, ImageTooLargeError, UnsupportedImageError
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'ImageError', 'PreprocessSpec', 'load_image', 'to_rgb', 'to_input',
-           'preprocess_bytes', 'image_stats']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'PreprocessSpec', 'load_image', 'to_rgb', 'sniff_format', 'to_input',
+           'preprocess_bytes', 'image_stats', 'softmax']
 
 # %% ../nbs/03_preprocess.ipynb #a27c4df8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MAX_PIXELS = 40_000_000  # default cap on width*height of an untrusted image (decompression-bomb guard)
-
-class ImageError(CvopsError, ValueError):
-    "Bytes that are not a usable image: empty, not an image, truncated, too large, or an unsupported mode."
-    exit_code = 2
 
 class PreprocessSpec(BaseModel):
     "How raw RGB images become model input: resize to `size`×`size`, scale to [0, 1], normalise, CHW float32."
@@ -59,16 +54,16 @@ def load_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP
         img = Image.open(io.BytesIO(data))
         fmt = img.format
         if formats is not None and fmt not in formats:
-            raise ImageError(f"unsupported image format {fmt}; accepted: {', '.join(formats)}")
+            raise UnsupportedImageError(f"unsupported image format {fmt}; accepted: {', '.join(formats)}")
         w, h = img.size
         if w * h > max_pixels:
-            raise ImageError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
+            raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
         if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
         img.load()
     except ImageError: raise
     except UnidentifiedImageError: raise ImageError("not an image: the bytes are not in a known image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"image too large (decompression bomb guard): {e}") from None
+        raise ImageTooLargeError(f"image too large (decompression bomb guard): {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
     return to_rgb(img)
@@ -91,6 +86,16 @@ def to_rgb(img:Image.Image) -> Image.Image:
         img = Image.alpha_composite(bg, img)
     return img.convert("RGB") if img.mode != "RGB" else img
 
+# %% ../nbs/03_preprocess.ipynb #b2c3d4e5
+_MAGIC = ((b"\xff\xd8\xff", 0, "JPEG"), (b"\x89PNG\r\n\x1a\n", 0, "PNG"), (b"WEBP", 8, "WEBP"))
+
+def sniff_format(data:bytes, # the first bytes of a file (12 are enough)
+                ) -> str|None:  # Pillow's format name: 'JPEG', 'PNG', 'WEBP'; None for anything else
+    "The image format named by the magic bytes at the start of `data`."
+    for magic, at, fmt in _MAGIC:
+        if data[at:at + len(magic)] == magic and (fmt != "WEBP" or data[:4] == b"RIFF"): return fmt
+    return None
+
 # %% ../nbs/03_preprocess.ipynb #00e5a237
 def to_input(img:Image.Image,    # an RGB image (see `load_image`)
              spec:PreprocessSpec, # how to resize and normalise
@@ -109,3 +114,10 @@ def image_stats(img:Image.Image) -> dict[str, float]:
     "Cheap statistics of an RGB image for monitoring: brightness, contrast (both in [0, 1]), width, height."
     g = np.asarray(img.convert("L"), dtype=np.float32) / 255
     return dict(brightness=float(g.mean()), contrast=float(g.std()), width=float(img.width), height=float(img.height))
+
+# %% ../nbs/03_preprocess.ipynb #e5f6a7b8
+def softmax(logits:np.ndarray, # (batch, classes) raw model outputs
+           ) -> np.ndarray:    # (batch, classes) probabilities, each row summing to 1
+    "Row-wise softmax, stable for large logits."
+    z = np.asarray(logits, np.float64); z = np.exp(z - z.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)

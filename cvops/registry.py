@@ -11,20 +11,19 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from .config import CvopsError, NotFoundError, ParameterError, Params, ProjectConfig, load_config, utc_now
-from .store import ArtifactStore, IntegrityError
+from .config import Params, ProjectConfig, load_config, utc_now
+from .errors import CvopsError, ParameterError, NotFoundError, RegistryError
+from .store import ArtifactStore
+from .errors import IntegrityError
 
 # %% auto #0
-__all__ = ['ALIASES', 'BUNDLE_FILES', 'RegistryError', 'ModelVersion', 'check_model_name', 'Registry', 'GatePolicy', 'Candidate',
-           'Decision', 'decide']
+__all__ = ['ALIASES', 'BUNDLE_FILES', 'ModelVersion', 'check_model_name', 'Registry', 'GatePolicy', 'Candidate', 'Decision',
+           'decide']
 
 # %% ../nbs/31_registry.ipynb #ae44cb70
 ALIASES = ("challenger", "qa", "production")  # the stages a model version moves through
 BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")  # contract of a model bundle
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-
-class RegistryError(CvopsError):
-    "A registry operation that cannot be done as asked (e.g. rollback with no previous version)."
 
 class ModelVersion(BaseModel):
     "One registered version of a model: its files (name → sha256), metrics and lineage."

@@ -34,10 +34,10 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.responses import Response
 from starlette.routing import Route
 
-from .backends import Backend, BackendUnavailable, BundleError, ModelBundle, make_backend
+from .backends import Backend, ModelBundle, make_backend
 from .capture import Capture, CaptureWriter
-from .config import CvopsError
-from .preprocess import ImageError, image_stats, load_image, to_input
+from .errors import BackendUnavailable, CvopsError, ImageError, RequestError
+from .preprocess import image_stats, load_image, sniff_format, softmax, to_input
 from .serve_config import ServeSettings
 
 try: import orjson
@@ -46,19 +46,13 @@ except ImportError: orjson = None  # the `serve` extra installs it; stdlib json 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'FORMATS', 'IMAGE_TYPES', 'Problem', 'json_response', 'GatewayMetrics', 'bundle_digest', 'ServedModel',
-           'resolve_bundle', 'build_backend', 'read_body', 'image_payloads', 'sniff_format', 'Gateway',
-           'MetricsMiddleware', 'Label', 'ModelRef', 'PredictResponse', 'BatchItem', 'BatchResponse', 'ErrorResponse',
-           'create_app', 'serve']
+__all__ = ['log', 'FORMATS', 'IMAGE_TYPES', 'json_response', 'GatewayMetrics', 'bundle_digest', 'ServedModel', 'resolve_bundle',
+           'build_backend', 'read_body', 'image_payloads', 'sniff_format', 'Gateway', 'MetricsMiddleware', 'Label',
+           'ModelRef', 'PredictResponse', 'BatchItem', 'BatchResponse', 'ErrorResponse', 'create_app', 'serve']
 
 # %% ../nbs/40_serve.ipynb #cfe2c77f
 FORMATS = ("JPEG", "PNG", "WEBP")
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp", "application/octet-stream")
-
-class Problem(CvopsError):
-    "A request the gateway refuses, with the HTTP status to answer."
-    def __init__(self, status:int, detail:str):
-        super().__init__(detail); self.status, self.detail = status, detail
 
 def _dumps(obj) -> bytes:
     return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY) if orjson else json.dumps(obj).encode()
@@ -143,7 +137,7 @@ class ServedModel:
 
     def topk(self, logits:np.ndarray, k:int) -> list[list[dict]]:
         "Softmax probabilities → the k best labels with scores, per row."
-        z = logits.astype(np.float64); z = np.exp(z - z.max(axis=1, keepdims=True)); p = z / z.sum(axis=1, keepdims=True)
+        p = softmax(logits)
         k = min(k, p.shape[1])
         idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
         return [[{"label": str(self.classes[j]), "score": float(row[j])} for j in ix] for row, ix in zip(p, idx)]
@@ -186,12 +180,12 @@ async def read_body(request:Request, limit:int) -> bytes:
     "The request body, refusing (413) anything larger than `limit` bytes before reading it all."
     cl = request.headers.get("content-length")
     if cl is not None:
-        if not cl.isdigit(): raise Problem(400, f"invalid Content-Length header {cl!r}")
-        if int(cl) > limit: raise Problem(413, f"request body too large: {int(cl):,} bytes, limit {limit:,}")
+        if not cl.isdigit(): raise RequestError(400, f"invalid Content-Length header {cl!r}")
+        if int(cl) > limit: raise RequestError(413, f"request body too large: {int(cl):,} bytes, limit {limit:,}")
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit: raise Problem(413, f"request body too large: over {limit:,} bytes")
+        if size > limit: raise RequestError(413, f"request body too large: over {limit:,} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -203,7 +197,7 @@ async def _multipart_files(request:Request, body:bytes, max_files:int) -> list[t
     async def stream():
         yield body
     try: form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=max_files).parse()
-    except MultiPartException as e: raise Problem(400, f"malformed multipart body: {e.message}") from None
+    except MultiPartException as e: raise RequestError(400, f"malformed multipart body: {e.message}") from None
     files = []
     try:
         for field, value in form.multi_items():
@@ -220,27 +214,27 @@ async def image_payloads(request:Request, settings:ServeSettings, many:bool) -> 
         return [(await read_body(request, limit), mt or "application/octet-stream")]
     if mt == "multipart/form-data":
         files = await _multipart_files(request, await read_body(request, limit), settings.max_images + 1)
-        if not files: raise Problem(400, "the multipart body has no file part: send the image as a file field named 'file'")
+        if not files: raise RequestError(400, "the multipart body has no file part: send the image as a file field named 'file'")
         if not many:
             named = [f for f in files if f[2] == "file"]
             files = named[:1] or files[:1]
-        if len(files) > settings.max_images: raise Problem(413, f"too many images: more than {settings.max_images} in one request")
+        if len(files) > settings.max_images: raise RequestError(413, f"too many images: more than {settings.max_images} in one request")
         return [(data, ctype) for data, ctype, _ in files]
     if mt == "application/json" and many:
         body = await read_body(request, limit)
         try: doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise Problem(400, f"malformed JSON body: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e: raise RequestError(400, f"malformed JSON body: {e}") from None
         images = doc.get("images") if isinstance(doc, dict) else None
         if not isinstance(images, list) or not images or not all(isinstance(i, str) for i in images):
-            raise Problem(400, 'JSON body must be {"images": ["<base64 image>", ...]} with at least one image')
-        if len(images) > settings.max_images: raise Problem(413, f"too many images: {len(images)}, limit {settings.max_images}")
+            raise RequestError(400, 'JSON body must be {"images": ["<base64 image>", ...]} with at least one image')
+        if len(images) > settings.max_images: raise RequestError(413, f"too many images: {len(images)}, limit {settings.max_images}")
         out = []
         for i, b64 in enumerate(images):
             try: out.append((base64.b64decode(b64, validate=True), "application/json"))
-            except (binascii.Error, ValueError): raise Problem(400, f"images[{i}] is not valid base64") from None
+            except (binascii.Error, ValueError): raise RequestError(400, f"images[{i}] is not valid base64") from None
         return out
     accepted = ", ".join(IMAGE_TYPES + ("multipart/form-data",) + (("application/json",) if many else ()))
-    raise Problem(415, f"unsupported content type {mt!r}: send the image as the raw body ({accepted})")
+    raise RequestError(415, f"unsupported content type {mt!r}: send the image as the raw body ({accepted})")
 
 def sniff_format(data:bytes) -> str:
     "Image format from the magic bytes (for capture file names)."
@@ -346,7 +340,7 @@ class Gateway:
             auth = request.headers.get("authorization", "")
             key = auth[7:] if auth[:7].lower() == "bearer " else None
         if key is None or not hmac.compare_digest(key.encode(), self.api_key):
-            raise Problem(401, "missing or wrong API key: send it in the X-API-Key header")
+            raise RequestError(401, "missing or wrong API key: send it in the X-API-Key header")
 
     def _decode(self, items:list[tuple[bytes, str]], model:ServedModel) -> tuple[np.ndarray, list]:
         xs, imgs = [], []
@@ -355,7 +349,7 @@ class Gateway:
             try: img = load_image(data, s.max_pixels, FORMATS)
             except ImageError as e:
                 msg = str(e) if len(items) == 1 else f"image {i}: {e}"
-                raise Problem(413 if "too large" in msg else 400, msg) from None
+                raise type(e)(msg) from None  # the status comes from the error's type
             x, stats = model.prepare(img)
             xs.append(x); imgs.append((img.width * img.height, stats))
         return np.stack(xs), imgs
@@ -379,7 +373,7 @@ class Gateway:
         if self.capture is not None:
             for (data, ctype), top in zip(items, ranked):
                 if self.capture.wants():
-                    self.capture.offer(Capture(data, model.bundle.name, model.bundle.version, top, ctype, sniff_format(data)))
+                    self.capture.offer(Capture(data, model.bundle.name, model.bundle.version, top, ctype, sniff_format(data) or "?"))
         return model, ranked
 
     def _observe(self, model:ServedModel, ranked, stats):
@@ -485,7 +479,7 @@ def _top_k(request:Request, settings:ServeSettings) -> int:
     raw = request.query_params.get("top_k")
     if raw is None or raw == "": return settings.top_k
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
-        raise Problem(422, f"top_k: must be an integer from 1 to 1000, got {raw[:40]!r}")
+        raise RequestError(422, f"top_k: must be an integer from 1 to 1000, got {raw[:40]!r}")
     return int(raw)
 
 def _request_id(request:Request) -> str:
@@ -512,20 +506,13 @@ def create_app(settings:ServeSettings|None=None, # gateway settings (see `ServeS
     app.state.gateway = gw
     key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key, when the gateway has one")
 
-    @app.exception_handler(Problem)
-    async def _problem(request, exc:Problem):
-        gw.metrics.bad_inputs.labels(str(exc.status)).inc()
-        headers = {"WWW-Authenticate": "ApiKey"} if exc.status == 401 else None
-        return json_response({"detail": exc.detail, "request_id": getattr(request.state, "rid", None)}, exc.status, headers)
-
-    @app.exception_handler(BackendUnavailable)
-    async def _unavailable(request, exc):
-        return json_response({"detail": f"backend unavailable: {exc}", "request_id": getattr(request.state, "rid", None)}, 503,
-                             {"Retry-After": "1"})
-
     @app.exception_handler(CvopsError)
-    async def _cvops(request, exc):
-        return json_response({"detail": str(exc), "request_id": getattr(request.state, "rid", None)}, 400)
+    async def _cvops(request, exc:CvopsError):  # the status comes from the error's type (cvops.errors), never its words
+        status = exc.http_status
+        if 400 <= status < 500: gw.metrics.bad_inputs.labels(str(status)).inc()
+        headers = {401: {"WWW-Authenticate": "ApiKey"}, 503: {"Retry-After": "1"}}.get(status)
+        detail = f"backend unavailable: {exc}" if isinstance(exc, BackendUnavailable) else str(exc)
+        return json_response({"detail": detail, "request_id": getattr(request.state, "rid", None)}, status, headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, exc):
@@ -586,17 +573,16 @@ def create_app(settings:ServeSettings|None=None, # gateway settings (see `ServeS
         ref = None
         if body.strip():
             if _media_type(request) not in ("application/json", ""):
-                raise Problem(415, f"unsupported content type {_media_type(request)!r}: send JSON like {{\"ref\": \"production\"}}")
+                raise RequestError(415, f"unsupported content type {_media_type(request)!r}: send JSON like {{\"ref\": \"production\"}}")
             try: doc = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e: raise Problem(400, f"malformed JSON body: {e}") from None
+            except (json.JSONDecodeError, UnicodeDecodeError) as e: raise RequestError(400, f"malformed JSON body: {e}") from None
             if not isinstance(doc, dict) or not isinstance(doc.get("ref", ""), str) or set(doc) - {"ref"}:
-                raise Problem(400, 'reload body must be {"ref": "<alias, latest or version>"} or empty')
+                raise RequestError(400, 'reload body must be {"ref": "<alias, latest or version>"} or empty')
             ref = doc.get("ref") or None
         if ref is not None and settings.model_dir is not None:
-            raise Problem(400, "this gateway serves a bundle folder (--model-dir); a registry ref cannot be reloaded")
+            raise RequestError(400, "this gateway serves a bundle folder (--model-dir); a registry ref cannot be reloaded")
         try: return json_response(await gw.reload(ref))
-        except BundleError as e: raise Problem(400, str(e)) from None
-        except LookupError as e: raise Problem(404, str(e)) from None
+        except LookupError as e: raise RequestError(404, str(e)) from None
 
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
     async def healthz(): return json_response({"status": "ok"})

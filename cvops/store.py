@@ -16,18 +16,13 @@ from typing import Iterable
 
 import fsspec
 from filelock import FileLock
-
-from .config import CvopsError, NotFoundError, ParameterError
+from .errors import CvopsError, ParameterError, NotFoundError, IntegrityError
 
 # %% auto #0
-__all__ = ['CHUNK', 'IntegrityError', 'Artifact', 'sha256_bytes', 'sha256_file', 'check_key', 'check_sha', 'ArtifactStore',
-           'project_store']
+__all__ = ['CHUNK', 'Artifact', 'sha256_bytes', 'sha256_file', 'check_key', 'check_sha', 'ArtifactStore', 'project_store']
 
 # %% ../nbs/01_store.ipynb #c3068730
 CHUNK = 1 << 20  # 1 MiB: read/write granularity for streaming copies and hashing
-
-class IntegrityError(CvopsError):
-    "An artifact's bytes do not match its recorded sha256 (corrupted or tampered with)."
 
 @dataclass(frozen=True)
 class Artifact:

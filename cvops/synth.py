@@ -16,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFilter
 from pydantic import Field, field_validator, model_validator
 from tqdm.auto import tqdm
 
-from .config import ParameterError, Params
+from .config import Params
+from .errors import ParameterError
 
 # %% auto #0
 __all__ = ['SHAPES', 'BACKGROUNDS', 'SynthParams', 'synth_image', 'class_plan', 'generate']

@@ -16,8 +16,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
-
-from .config import CvopsError, NotFoundError
+from .errors import CvopsError, NotFoundError
 from .preprocess import PreprocessSpec, load_image, to_input
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from .config import CvopsError, NotFoundError, ParameterError, Params, ProjectConfig, load_config, validate_params, utc_now
+from .config import Params, ProjectConfig, load_config, validate_params, utc_now
+from .errors import CvopsError, NotFoundError, ParameterError
 from .preprocess import PreprocessSpec
 from .store import ArtifactStore, project_store
 

@@ -23,22 +23,20 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from .config import CvopsError, ParameterError, Params, load_config, validate_params
+from .config import Params, load_config, validate_params
+from .errors import CvopsError, ParameterError, BundleError
 from .registry import check_model_name  # one rule for model names: they become folder names in both
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'BUNDLE_FILES', 'Variant', 'VARIANTS', 'MODEL_FILE', 'PYTHON_MODEL', 'TRITON_REQUIREMENTS', 'BundleError',
-           'BundleSpec', 'read_bundle', 'TritonBatching', 'TritonInstances', 'TensorRTAccelerator', 'triton_config',
+__all__ = ['log', 'BUNDLE_FILES', 'Variant', 'VARIANTS', 'MODEL_FILE', 'PYTHON_MODEL', 'TRITON_REQUIREMENTS', 'BundleSpec',
+           'read_bundle', 'TritonBatching', 'TritonInstances', 'TensorRTAccelerator', 'triton_config',
            'build_repository', 'TritonEnv', 'default_triton_env_dir', 'base_python', 'ensure_triton_env', 'free_port',
            'TritonServer', 'triton_infer']
 
 # %% ../nbs/32_triton.ipynb #c91c3b31
 BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")
-
-class BundleError(CvopsError):
-    "A model bundle is incomplete or inconsistent."
 
 @dataclass(frozen=True)
 class BundleSpec:

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from cvops.config import set_process_defaults
+
+set_process_defaults()  # an entry point: passive OpenMP waiting before any test imports torch
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 os.environ.setdefault("FIFTYONE_DO_NOT_TRACK", "true")

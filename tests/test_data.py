@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from conftest import BIN, run_cli
-from cvops.config import CvopsError, NotFoundError, ParameterError, load_config
-from cvops.store import ArtifactStore, IntegrityError, sha256_bytes, sha256_file
+from cvops.config import load_config
+from cvops.errors import CvopsError, IntegrityError, NotFoundError, ParameterError
+from cvops.store import ArtifactStore, sha256_bytes, sha256_file
 from cvops.synth import generate
 
 

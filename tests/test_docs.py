@@ -16,7 +16,8 @@ import pytest
 from PIL import Image, ImageStat
 
 from conftest import ROOT, run_cli
-from cvops.docs import DocsError, build_docs, check_links, external_assets, has_docs, library_modules, process_notebook
+from cvops.errors import DocsError
+from cvops.docs import build_docs, check_links, external_assets, has_docs, library_modules, process_notebook
 
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome") if shutil.which(b)), None)
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

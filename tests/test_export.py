@@ -8,7 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from cvops.export import ParityError, check_parity, tensorrt_status, write_bundle
+from cvops.errors import ParityError
+from cvops.export import check_parity, tensorrt_status, write_bundle
 from cvops.preprocess import PreprocessSpec
 from cvops.registry import Candidate, GatePolicy, decide
 

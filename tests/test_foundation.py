@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import BIN, ROOT
-from cvops.config import NotFoundError
-from cvops.store import ArtifactStore, IntegrityError
+from cvops.errors import IntegrityError, NotFoundError
+from cvops.store import ArtifactStore
 
 
 def tree_digest(folder: Path) -> str:

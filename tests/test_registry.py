@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from cvops.config import NotFoundError, load_config
+from cvops.config import load_config
+from cvops.errors import IntegrityError, NotFoundError
 from cvops.registry import Registry
-from cvops.store import ArtifactStore, IntegrityError
+from cvops.store import ArtifactStore
 
 
 def make_bundle(folder: Path, payload: bytes) -> Path:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import run_cli
-from cvops.config import NotFoundError, ParameterError, load_config
+from cvops.config import load_config
+from cvops.errors import NotFoundError, ParameterError
 from cvops.store import ArtifactStore
 from cvops.synth import generate
 

@@ -21,7 +21,7 @@ import tritonclient.http as httpclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from cvops.config import CvopsError, ParameterError
+from cvops.errors import CvopsError, ParameterError
 from cvops.triton import (TritonServer, build_repository, default_triton_env_dir, ensure_triton_env, read_bundle,
                           triton_infer)
 
