@@ -6,60 +6,17 @@
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .bundle import ModelBundle  # the one reader of bundles (contract D)
 from .errors import CvopsError, NotFoundError, BundleError, BackendUnavailable
-from .preprocess import PreprocessSpec
 
 # %% auto #0
-__all__ = ['BUNDLE_FILES', 'ModelBundle', 'Backend', 'ort_session', 'OnnxBackend', 'TritonBackend', 'make_backend']
-
-# %% ../nbs/41_backends.ipynb #15b0b6b1
-BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")
-
-@dataclass(frozen=True)
-class ModelBundle:
-    "A model bundle on disk (contract D) and what the gateway needs to know about it."
-    path: Path           # the bundle folder
-    name: str            # model name (registry name, or `model.json`'s `name`)
-    version: int         # registry version (0 when served from a plain folder without one)
-    classes: tuple[str, ...] # class labels in logit order
-    spec: PreprocessSpec # how images become input
-    input_name: str = "input"
-    output_name: str = "logits"
-
-    @property
-    def onnx_path(self) -> Path: return self.path / "model.onnx"
-
-    @classmethod
-    def load(cls, path:str|Path,         # a bundle folder
-             name:str|None=None,         # override the name in model.json (e.g. the registry name)
-             version:int|None=None,      # the registry version, if resolved through the registry
-            ) -> ModelBundle:
-        "Read and check a bundle folder; raise `BundleError` naming what is wrong."
-        path = Path(path).expanduser()
-        if not path.is_dir(): raise BundleError(f"model bundle folder {path} does not exist")
-        missing = [f for f in BUNDLE_FILES if not (path / f).is_file()]
-        if missing: raise BundleError(f"model bundle {path} is missing {', '.join(missing)} (expected {', '.join(BUNDLE_FILES)})")
-        try: meta = json.loads((path / "model.json").read_text())
-        except json.JSONDecodeError as e: raise BundleError(f"{path / 'model.json'} is not valid JSON: {e}") from None
-        classes = tuple(l.strip() for l in (path / "labels.txt").read_text().splitlines() if l.strip())
-        if not classes: raise BundleError(f"{path / 'labels.txt'} lists no classes")
-        if meta.get("classes") and tuple(meta["classes"]) != classes:
-            raise BundleError(f"labels.txt {list(classes)} disagrees with model.json classes {meta['classes']}")
-        try: spec = PreprocessSpec.load(path / "preprocess.json")
-        except ValueError as e: raise BundleError(f"{path / 'preprocess.json'} is not a valid preprocess spec: {e}") from None
-        return cls(path=path, name=name or meta.get("name") or path.name,
-                   version=int(version if version is not None else meta.get("version", 0)), classes=classes, spec=spec,
-                   input_name=(meta.get("input") or {}).get("name", "input"),
-                   output_name=(meta.get("output") or {}).get("name", "logits"))
+__all__ = ['Backend', 'OnnxBackend', 'TritonBackend', 'make_backend']
 
 # %% ../nbs/41_backends.ipynb #061e3b57
 class Backend:
@@ -81,21 +38,6 @@ class Backend:
 class _Job:
     x: np.ndarray
     fut: asyncio.Future
-
-def ort_session(path:str|Path,        # model.onnx
-                threads:int|None=None, # intra-op threads (default: cores - 1, at least 1, at most 4)
-                spinning:bool=False,   # let idle ORT threads spin (lower latency, burns CPU the event loop needs)
-               ):
-    "An ONNX Runtime CPU session tuned for a small machine."
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or max(1, min((os.cpu_count() or 2) - 1, 4))  # leave a core to the event loop
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
-    so.log_severity_level = 3
-    return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
 
 class OnnxBackend(Backend):
     "In-process ONNX Runtime; with `batching`, concurrent requests share calls (server-side micro-batching)."
@@ -120,13 +62,10 @@ class OnnxBackend(Backend):
     async def load(self):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self.bundle.name}")
         loop = asyncio.get_running_loop()
-        try: self.session = await loop.run_in_executor(self._pool, ort_session, self.bundle.onnx_path, self.threads, self.spinning)
-        except Exception as e:
+        try: self.session = await loop.run_in_executor(self._pool, self.bundle.session, self.threads, self.spinning)
+        except BundleError:
             self._pool.shutdown(wait=False)
-            raise BundleError(f"ONNX Runtime cannot load {self.bundle.onnx_path}: {e}") from None
-        names = [i.name for i in self.session.get_inputs()]
-        if self.bundle.input_name not in names:
-            raise BundleError(f"model.onnx has inputs {names}, expected {self.bundle.input_name!r}")
+            raise
         if self.batching:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._gather(), name=f"batcher-{self.bundle.name}")
