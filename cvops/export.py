@@ -5,7 +5,6 @@
 # %% ../nbs/30_export.ipynb #3988f999
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
+from .bundle import INPUT_NAME, OUTPUT_NAME, ort_session, write_bundle
 from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, ParameterError, ParityError
 from .preprocess import PreprocessSpec, load_image, to_input
@@ -23,13 +23,10 @@ from .store import ArtifactStore, sha256_file
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'INPUT_NAME', 'OUTPUT_NAME', 'Parity', 'ExportParams', 'export_onnx', 'onnx_session', 'compare', 'check_parity',
-           'write_bundle', 'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult',
-           'parity_images', 'export_run']
+__all__ = ['log', 'Parity', 'ExportParams', 'export_onnx', 'compare', 'check_parity', 'export_bundle', 'tensorrt_status',
+           'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult', 'parity_images', 'export_run']
 
 # %% ../nbs/30_export.ipynb #0f36bb2e
-INPUT_NAME, OUTPUT_NAME = "input", "logits"  # tensor names of every exported model (contract of a bundle)
-
 class Parity(BaseModel):
     "How closely an exported model reproduces its reference on the same inputs."
     reference: str = Field(description="what the outputs were compared with (pytorch, onnxruntime)")
@@ -41,9 +38,10 @@ class Parity(BaseModel):
     passed: bool
 
 class ExportParams(Params):
-    "Parameters of `cvops export`."
-    run: str = Field("latest", description="training run id to export ('latest' for the newest run)")
-    version: str|None = Field(None, description="dataset version whose val split feeds the parity check (default: the run's)")
+    "Parameters of an export: `cvops export` and the pipeline's export stage."
+    run_id: str|None = Field(None, description="training run to export (default: the latest run; in `cvops run`, the train stage's)")
+    dataset_version: str|None = Field(None, description="dataset version whose val split feeds the parity check "
+                                                        "(default: the run's; in `cvops run`, the curate stage's)")
     name: str|None = Field(None, description="model name in the registry (default: the project's model)")
     opset: int = Field(18, ge=13, le=23, description="ONNX opset")
     tolerance: float = Field(1e-4, gt=0, description="max abs logit difference allowed between ONNX Runtime and PyTorch")
@@ -53,6 +51,7 @@ class ExportParams(Params):
     max_batch: int = Field(256, ge=1, description="largest batch for TensorRT profiles / Triton")
     to_registry: bool = Field(True, description="register the bundle as a new model version")
     out: Path|None = Field(None, description="bundle folder (default: a folder under the project's .cvops/exports)")
+
 
 # %% ../nbs/30_export.ipynb #fde01ba6
 def export_onnx(model,                    # a torch.nn.Module taking NCHW float32 and returning logits
@@ -73,14 +72,6 @@ def export_onnx(model,                    # a torch.nn.Module taking NCHW float3
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     return path
 
-def onnx_session(path:str|Path, threads:int|None=None):
-    "An ONNX Runtime CPU session with full graph optimisation."
-    import onnxruntime as ort
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads: so.intra_op_num_threads = threads
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
 def compare(outputs:np.ndarray, reference:np.ndarray, tolerance:float, against:str) -> Parity:
     "Parity of two logit arrays of the same shape."
     diff = np.abs(outputs.astype(np.float64) - reference.astype(np.float64))
@@ -97,7 +88,7 @@ def check_parity(onnx_path:str|Path,  # the exported model
                 ) -> Parity:
     "Run ONNX Runtime and PyTorch on the same inputs and compare their logits."
     import torch
-    sess = onnx_session(onnx_path)
+    sess = ort_session(onnx_path)
     outs, refs = [], []
     with torch.no_grad():
         for i in range(0, len(inputs), batch):
@@ -107,17 +98,17 @@ def check_parity(onnx_path:str|Path,  # the exported model
     return compare(np.concatenate(outs), np.concatenate(refs), tolerance, "pytorch")
 
 # %% ../nbs/30_export.ipynb #e57a861b
-def write_bundle(model,                  # trained torch.nn.Module
-                 classes:list[str],      # class names, in output order
-                 spec:PreprocessSpec,    # the preprocessing it was trained with
-                 out_dir:str|Path,       # bundle folder to create (must not exist or be empty)
-                 parity_inputs:np.ndarray, # real preprocessed validation images for the parity check
-                 tolerance:float=1e-4,
-                 opset:int=18,
-                 optimize:bool=True,
-                 name:str="model",
-                 extra:dict|None=None,   # more fields for model.json (lineage …)
-                ) -> tuple[Path, Parity]:
+def export_bundle(model,                  # trained torch.nn.Module
+                  classes:list[str],      # class names, in output order
+                  spec:PreprocessSpec,    # the preprocessing it was trained with
+                  out_dir:str|Path,       # bundle folder to create (must not exist or be empty)
+                  parity_inputs:np.ndarray, # real preprocessed validation images for the parity check
+                  tolerance:float=1e-4,
+                  opset:int=18,
+                  optimize:bool=True,
+                  name:str="model",
+                  extra:dict|None=None,   # more fields for model.json (lineage …)
+                 ) -> tuple[Path, Parity]:
     "Export, check and verify a model into a bundle folder; on parity failure nothing is left and `ParityError` says by how much."
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()): raise ParameterError(f"bundle folder {out_dir} is not empty")
@@ -131,19 +122,15 @@ def write_bundle(model,                  # trained torch.nn.Module
         if not parity.passed:
             raise ParityError(f"ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3g} (max abs logit difference "
                               f"over {parity.n} images; tolerance {tolerance:g}; top-1 agreement {parity.top1_agreement:.1%})")
-        (work / "labels.txt").write_text("\n".join(classes) + "\n")
-        spec.save(work / "preprocess.json")
-        meta = dict(name=name, classes=list(classes), opset=opset, export_seconds=round(seconds, 3),
-                    input=dict(name=INPUT_NAME, shape=[-1, 3, spec.size, spec.size], dtype="float32"),
-                    output=dict(name=OUTPUT_NAME, shape=[-1, len(classes)], dtype="float32"),
-                    onnx_sha256=sha256_file(work / "model.onnx"), parity=parity.model_dump(), **(extra or {}))
-        (work / "model.json").write_text(json.dumps(meta, indent=2, default=str))
+        write_bundle(work, classes, spec, name=name,
+                     extra=dict(opset=opset, export_seconds=round(seconds, 3), parity=parity.model_dump(), **(extra or {})))
         if out_dir.exists(): out_dir.rmdir()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         work.rename(out_dir)  # the bundle appears whole, or not at all
         return out_dir, parity
     finally:
         if work.exists(): shutil.rmtree(work, ignore_errors=True)
+
 
 # %% ../nbs/30_export.ipynb #6b9c41f8
 def tensorrt_status() -> tuple[bool, str]:
@@ -200,7 +187,7 @@ def tensorrt_parity(engine_path:str|Path, onnx_path:str|Path, inputs:np.ndarray,
     out = torch.empty(tuple(ctx.get_tensor_shape(OUTPUT_NAME)), device="cuda", dtype=torch.float32)
     ctx.set_tensor_address(INPUT_NAME, x.data_ptr()); ctx.set_tensor_address(OUTPUT_NAME, out.data_ptr())
     ctx.execute_async_v3(torch.cuda.current_stream().cuda_stream); torch.cuda.synchronize()
-    ref = onnx_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: inputs.astype(np.float32)})[0]
+    ref = ort_session(onnx_path).run([OUTPUT_NAME], {INPUT_NAME: inputs.astype(np.float32)})[0]
     return compare(out.cpu().numpy(), ref, tolerance, "onnxruntime")
 
 # %% ../nbs/30_export.ipynb #13825e87
@@ -222,10 +209,25 @@ def parity_images(version, store:ArtifactStore, spec:PreprocessSpec, n:int=64, s
     if not picked: raise ParameterError(f"dataset version {version.id} has no images for the parity check")
     return np.stack([to_input(load_image(version.image_bytes(s, store)), spec) for s in picked])
 
+def _lineage(run, version) -> dict:
+    "Where a bundle comes from: run, dataset version, backbone and code version."
+    code = (run.git or {}) if hasattr(run, "git") else {}
+    return dict(run_id=run.id, dataset=run.dataset, dataset_version=version.id, backbone=getattr(run, "backbone", None),
+                code_commit=code.get("commit"), code_dirty=code.get("dirty"))
+
+def _tensorrt(bundle:Path, spec:PreprocessSpec, inputs:np.ndarray, max_batch:int) -> str:
+    "Build and check a TensorRT engine beside the bundle's model.onnx where TensorRT is available; say what happened."
+    ok, why = tensorrt_status()
+    if not ok: return why
+    build_tensorrt_engine(bundle / "model.onnx", bundle / "model.plan", spec.size, max_batch=max_batch, opt_batch=min(32, max_batch))
+    tp = tensorrt_parity(bundle / "model.plan", bundle / "model.onnx", inputs)
+    if not tp.passed: raise ParityError(f"TensorRT differs from ONNX Runtime by {tp.max_abs_diff:.3g} (tolerance {tp.tolerance:g})")
+    return f"engine built; parity max abs diff {tp.max_abs_diff:.3g}"
+
 def export_run(params:ExportParams|dict|None=None, # what to export (see `ExportParams`)
                cfg:ProjectConfig|None=None,
                store:ArtifactStore|None=None,
-               **kwargs,
+               **kwargs,                            # `ExportParams` fields, when `params` is a dict or None
               ) -> ExportResult:
     "Export a training run into a verified bundle and (by default) register it as a new model version."
     from cvops.config import validate_params
@@ -234,32 +236,20 @@ def export_run(params:ExportParams|dict|None=None, # what to export (see `Export
     p = params if isinstance(params, ExportParams) else validate_params(ExportParams, {**(params or {}), **kwargs})
     cfg = cfg or load_config()
     store = store or ArtifactStore(cfg.store_location)
-    run = load_run(p.run, store=store)
+    run = load_run(p.run_id or "latest", store=store)
     model, classes, spec = load_model(run.id, store=store)
-    version = load_version(p.version or run.dataset_version, dataset=run.dataset, store=store)
-    name = p.name or cfg.model
-    code = (run.git or {}) if hasattr(run, "git") else {}
-    lineage = dict(run_id=run.id, dataset=run.dataset, dataset_version=version.id, backbone=getattr(run, "backbone", None),
-                   code_commit=code.get("commit"), code_dirty=code.get("dirty"))
+    version = load_version(p.dataset_version or run.dataset_version, dataset=run.dataset, store=store)
+    name, lineage = p.name or cfg.model, _lineage(run, version)
     out = Path(p.out) if p.out else cfg.home_dir / "exports" / f"{name}-{run.id}-{int(time.time())}"
-    bundle, parity = write_bundle(model, classes, spec, out, parity_images(version, store, spec, p.parity_images),
-                                  tolerance=p.tolerance, opset=p.opset, optimize=p.optimize, name=name, extra=dict(lineage=lineage))
-    trt_note = None
-    if p.tensorrt:
-        ok, why = tensorrt_status()
-        if ok:
-            build_tensorrt_engine(bundle / "model.onnx", bundle / "model.plan", spec.size, max_batch=p.max_batch,
-                                  opt_batch=min(32, p.max_batch))
-            tp = tensorrt_parity(bundle / "model.plan", bundle / "model.onnx", parity_images(version, store, spec, 32))
-            if not tp.passed: raise ParityError(f"TensorRT differs from ONNX Runtime by {tp.max_abs_diff:.3g} (tolerance {tp.tolerance:g})")
-            trt_note = f"engine built; parity max abs diff {tp.max_abs_diff:.3g}"
-        else: trt_note = why
-    sha = sha256_file(bundle / "model.onnx")
+    bundle, parity = export_bundle(model, classes, spec, out, parity_images(version, store, spec, p.parity_images),
+                                   tolerance=p.tolerance, opset=p.opset, optimize=p.optimize, name=name, extra=dict(lineage=lineage))
+    trt_note = _tensorrt(bundle, spec, parity_images(version, store, spec, 32), p.max_batch) if p.tensorrt else None
     mv = None
     if p.to_registry:
         from cvops.registry import Registry
-        metrics = dict(run.metrics or {})
-        metrics.update(parity_max_abs_diff=parity.max_abs_diff, parity_passed=parity.passed)
+        metrics = {**(run.metrics or {}), "parity_max_abs_diff": parity.max_abs_diff, "parity_passed": parity.passed}
         mv = Registry(store, cfg).register(bundle, name, lineage=lineage, metrics=metrics)
-    return ExportResult(bundle=bundle, parity=parity, onnx_sha256=sha, model_version=mv.version if mv else None,
-                        name=name, run_id=run.id, dataset_version=version.id, tensorrt=trt_note)
+    return ExportResult(bundle=bundle, parity=parity, onnx_sha256=sha256_file(bundle / "model.onnx"),
+                        model_version=mv.version if mv else None, name=name, run_id=run.id, dataset_version=version.id,
+                        tensorrt=trt_note)
+

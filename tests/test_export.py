@@ -9,7 +9,8 @@ import torch
 import torchvision
 
 from cvops.errors import ParityError
-from cvops.export import check_parity, tensorrt_status, write_bundle
+from cvops.bundle import ModelBundle
+from cvops.export import check_parity, export_bundle, tensorrt_status
 from cvops.preprocess import PreprocessSpec
 from cvops.registry import Candidate, GatePolicy, decide
 
@@ -24,9 +25,11 @@ def model_and_inputs():
 
 def test_bundle_is_complete_and_matches_pytorch(model_and_inputs, tmp_path):
     model, x = model_and_inputs
-    bundle, parity = write_bundle(model, ["circle", "square", "star", "triangle"], PreprocessSpec(size=48),
+    bundle, parity = export_bundle(model, ["circle", "square", "star", "triangle"], PreprocessSpec(size=48),
                                   tmp_path / "bundle", x, tolerance=1e-4)
     assert sorted(p.name for p in bundle.iterdir()) == ["labels.txt", "model.json", "model.onnx", "preprocess.json"]
+    b = ModelBundle.load(bundle)  # what export writes, the one bundle reader accepts
+    assert b.classes == ("circle", "square", "star", "triangle") and b.input.dims == [3, 48, 48] and b.output.dims == [4]
     assert parity.passed and parity.max_abs_diff < 1e-4 and parity.top1_agreement == 1.0 and parity.n == 8
     graph = onnx.load(str(bundle / "model.onnx")).graph
     assert graph.input[0].name == "input" and graph.output[0].name == "logits"
@@ -39,7 +42,7 @@ def test_bundle_is_complete_and_matches_pytorch(model_and_inputs, tmp_path):
 
 def test_tampered_weights_fail_parity_with_the_measured_error(model_and_inputs, tmp_path):
     model, x = model_and_inputs
-    bundle, _ = write_bundle(model, list("abcd"), PreprocessSpec(size=48), tmp_path / "bundle", x)
+    bundle, _ = export_bundle(model, list("abcd"), PreprocessSpec(size=48), tmp_path / "bundle", x)
     m = onnx.load(str(bundle / "model.onnx"))
     w = [t for t in m.graph.initializer if len(t.dims) == 2][-1]  # the classifier's weights
     w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 1.05, w.name))
@@ -51,7 +54,7 @@ def test_tampered_weights_fail_parity_with_the_measured_error(model_and_inputs, 
 def test_export_past_tolerance_fails_loudly_and_leaves_nothing(model_and_inputs, tmp_path):
     model, x = model_and_inputs
     with pytest.raises(ParityError, match=r"ONNX Runtime differs from PyTorch by [0-9.e-]+ \(max abs logit difference over 8 images; tolerance 1e-12"):
-        write_bundle(model, list("abcd"), PreprocessSpec(size=48), tmp_path / "bundle", x, tolerance=1e-12)
+        export_bundle(model, list("abcd"), PreprocessSpec(size=48), tmp_path / "bundle", x, tolerance=1e-12)
     assert not (tmp_path / "bundle").exists() and not list(tmp_path.glob(".bundle-*"))
 
 
@@ -69,6 +72,6 @@ def test_worse_challenger_is_refused_naming_both_metrics():
 def test_tensorrt_engine_matches_onnxruntime(model_and_inputs, tmp_path):
     from cvops.export import build_tensorrt_engine, tensorrt_parity
     model, x = model_and_inputs
-    bundle, _ = write_bundle(model, list("abcd"), PreprocessSpec(size=48), tmp_path / "bundle", x)
+    bundle, _ = export_bundle(model, list("abcd"), PreprocessSpec(size=48), tmp_path / "bundle", x)
     engine = build_tensorrt_engine(bundle / "model.onnx", bundle / "model.plan", 48, max_batch=16, opt_batch=8)
     assert tensorrt_parity(engine, bundle / "model.onnx", x).passed
