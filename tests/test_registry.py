@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from cvops.bundle import write_bundle
 from cvops.config import load_config
-from cvops.errors import IntegrityError, NotFoundError
+from cvops.errors import BundleError, IntegrityError, NotFoundError
+from cvops.preprocess import PreprocessSpec
 from cvops.registry import Registry
 from cvops.store import ArtifactStore
 
@@ -19,9 +21,7 @@ from cvops.store import ArtifactStore
 def make_bundle(folder: Path, payload: bytes) -> Path:
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(payload)
-    (folder / "labels.txt").write_text("circle\nsquare\n")
-    (folder / "preprocess.json").write_text('{"size": 64}')
-    (folder / "model.json").write_text("{}")
+    write_bundle(folder, ["circle", "square"], PreprocessSpec(size=64), name="m")
     return folder
 
 
@@ -112,6 +112,22 @@ def test_unknown_refs_list_what_exists(project):
         reg.get("m", 9)
     with pytest.raises(NotFoundError, match="no model named 'x'; available: m"):
         reg.get("x")
+
+
+def test_register_refuses_what_the_bundle_reader_refuses(project, tmp_path):
+    "The registry stores only bundles `ModelBundle.load` accepts: the gateway and Triton could not serve the others."
+    _, reg = project
+    fixed = make_bundle(tmp_path / "fixed", b"x")
+    meta = json.loads((fixed / "model.json").read_text())
+    meta["input"]["shape"] = [1, 3, 64, 64]
+    (fixed / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="input needs a dynamic batch axis"):
+        reg.register(fixed, "m")
+    partial = make_bundle(tmp_path / "partial", b"y")
+    (partial / "preprocess.json").unlink()
+    with pytest.raises(BundleError, match="is missing preprocess.json"):
+        reg.register(partial, "m")
+    assert [v.version for v in reg.versions("m")] == [1, 2, 3]
 
 
 def test_cli_promote_rollback_diff(project, cli):
