@@ -25,14 +25,14 @@ def make_bundle(folder: Path, size: int) -> Path:
     import torch
     from torch import nn
 
-    from cvops.export import write_bundle
+    from cvops.export import export_bundle
     from cvops.preprocess import PreprocessSpec
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1),
                           nn.ReLU(), nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                           nn.Flatten(), nn.Linear(64, len(CLASSES))).eval()
     x = np.random.default_rng(0).normal(size=(8, 3, size, size)).astype(np.float32)
-    return write_bundle(model, CLASSES, PreprocessSpec(size=size), folder, x, name="bench")[0]
+    return export_bundle(model, CLASSES, PreprocessSpec(size=size), folder, x, name="bench")[0]
 
 
 def timed(fn, n: int, warmup: int = 30) -> list[float]:

@@ -23,67 +23,17 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from .bundle import ModelBundle  # the one reader of bundles (contract D)
 from .config import Params, load_config, validate_params
-from .errors import CvopsError, ParameterError, BundleError
+from .errors import CvopsError, ParameterError
 from .registry import check_model_name  # one rule for model names: they become folder names in both
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'BUNDLE_FILES', 'Variant', 'VARIANTS', 'MODEL_FILE', 'PYTHON_MODEL', 'TRITON_REQUIREMENTS', 'BundleSpec',
-           'read_bundle', 'TritonBatching', 'TritonInstances', 'TensorRTAccelerator', 'triton_config',
-           'build_repository', 'TritonEnv', 'default_triton_env_dir', 'base_python', 'ensure_triton_env', 'free_port',
-           'TritonServer', 'triton_infer']
-
-# %% ../nbs/32_triton.ipynb #c91c3b31
-BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")
-
-@dataclass(frozen=True)
-class BundleSpec:
-    "What a Triton config needs from a model bundle."
-    path: Path
-    name: str                 # the model's own name, from model.json
-    classes: list[str]        # class names in output order
-    input_name: str
-    input_dims: list[int]     # without the batch axis
-    output_name: str
-    output_dims: list[int]    # without the batch axis
-
-def _dims(shape, what:str, where:Path) -> list[int]:
-    "Shape from model.json → Triton dims without the leading batch axis."
-    if not isinstance(shape, (list, tuple)) or len(shape) < 2:
-        raise BundleError(f"{where}: {what} shape must list a batch axis and at least one more, got {shape!r}")
-    batch, rest = shape[0], list(shape[1:])
-    if not (batch is None or isinstance(batch, str) or batch in (-1, 0)):
-        raise BundleError(f"{where}: {what} needs a dynamic batch axis (a name, null or -1), got {batch!r} in {shape!r}")
-    bad = [d for d in rest if isinstance(d, bool) or not isinstance(d, int) or d == 0 or d < -1]
-    if bad: raise BundleError(f"{where}: {what} axes after the batch axis must be sizes (or -1), got {shape!r}")
-    return rest
-
-def read_bundle(bundle_dir:str|Path, # a model bundle folder (contract D)
-               ) -> BundleSpec:
-    "Check a model bundle and read the tensor names, dims and classes a Triton config needs."
-    d = Path(bundle_dir)
-    if not d.is_dir(): raise BundleError(f"model bundle {d} does not exist or is not a folder")
-    missing = [f for f in BUNDLE_FILES if not (d / f).is_file()]
-    if missing: raise BundleError(f"model bundle {d} lacks {', '.join(missing)} (a bundle holds {', '.join(BUNDLE_FILES)})")
-    try: meta = json.loads((d / "model.json").read_text())
-    except json.JSONDecodeError as e: raise BundleError(f"{d / 'model.json'} is not valid JSON: {e}") from None
-    try: inp, out = meta["input"], meta["output"]; iname, oname = inp["name"], out["name"]
-    except (KeyError, TypeError) as e:
-        raise BundleError(f"{d / 'model.json'} lacks {e} (needs input/output with name and shape)") from None
-    labels = [l.strip() for l in (d / "labels.txt").read_text().splitlines() if l.strip()]
-    classes = list(meta.get("classes") or labels)
-    if classes != labels:
-        raise BundleError(f"{d}: labels.txt {labels[:8]} disagrees with the classes in model.json {classes[:8]}")
-    for what, t in (("input", inp), ("output", out)):
-        if str(t.get("dtype", "float32")).lower() not in ("float32", "float", "fp32"):
-            raise BundleError(f"{d / 'model.json'}: {what} dtype is {t['dtype']!r}; Triton configs here serve float32 tensors")
-    spec = BundleSpec(d, str(meta.get("name") or d.name), classes, iname, _dims(inp.get("shape"), "input", d / "model.json"),
-                      oname, _dims(out.get("shape"), "output", d / "model.json"))
-    if spec.output_dims[-1] not in (-1, len(classes)):
-        raise BundleError(f"{d}: output has {spec.output_dims[-1]} scores per image but labels.txt names {len(classes)} classes")
-    return spec
+__all__ = ['log', 'Variant', 'VARIANTS', 'MODEL_FILE', 'PYTHON_MODEL', 'TRITON_REQUIREMENTS', 'TritonBatching', 'TritonInstances',
+           'TensorRTAccelerator', 'triton_config', 'build_repository', 'TritonEnv', 'default_triton_env_dir',
+           'base_python', 'ensure_triton_env', 'free_port', 'TritonServer', 'triton_infer']
 
 # %% ../nbs/32_triton.ipynb #c9eafcf2
 Variant = Literal["python", "onnxruntime", "tensorrt", "onnxruntime-trt"]
@@ -167,7 +117,7 @@ def _as_params(value, schema:type[Params], what:str) -> Params:
     if not isinstance(value, dict): raise ParameterError(f"{what} must be a {schema.__name__} or a dict, got {value!r}")
     return validate_params(schema, value, source=what)
 
-def triton_config(spec:BundleSpec,                     # from `read_bundle`
+def triton_config(spec:ModelBundle,                    # from `ModelBundle.load`
                   name:str,                            # the Triton model name
                   variant:Variant="python",            # which backend runs the model
                   batching:TritonBatching|dict|None=None,
@@ -189,8 +139,8 @@ def triton_config(spec:BundleSpec,                     # from `read_bundle`
         _PLATFORM[variant],
         f"max_batch_size: {batching.max_batch_size}",
         f'default_model_filename: "{MODEL_FILE[variant]}"' if variant != "python" else None,
-        _repeated("input", [_tensor(spec.input_name, lead + spec.input_dims)]),
-        _repeated("output", [_tensor(spec.output_name, lead + spec.output_dims, label_filename="labels.txt")]),
+        _repeated("input", [_tensor(spec.input_name, lead + spec.input.dims)]),
+        _repeated("output", [_tensor(spec.output_name, lead + spec.output.dims, label_filename="labels.txt")]),
         _dynamic_batching(batching),
         _instance_group(variant, instances),
         _tensorrt_accelerator(accelerator) if variant == "onnxruntime-trt" else None,
@@ -199,6 +149,8 @@ def triton_config(spec:BundleSpec,                     # from `read_bundle`
     return "\n".join(s for s in sections if s) + "\n"
 
 # %% ../nbs/32_triton.ipynb #c803e6e2
+# This file runs inside Triton's own Python environment (numpy<2, no cvops installed), so it cannot import cvops:
+# it stays self-contained and sets its ONNX Runtime options itself (`cvops.bundle.ort_session` is the in-process twin).
 PYTHON_MODEL = '''\
 """Triton Python-backend model generated by cvops: runs model.onnx with ONNX Runtime, one run per group of requests."""
 import json
@@ -250,7 +202,7 @@ def build_repository(bundle_dir:str|Path,            # model bundle (contract D)
     "Write (or add a version to) a Triton model repository for a model bundle."
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ParameterError(f"version must be a positive int, got {version!r}")
-    spec = read_bundle(bundle_dir)
+    spec = ModelBundle.load(bundle_dir)
     config = triton_config(spec, name, variant, batching, instances, accelerator, ort_threads)
     if variant == "tensorrt":
         plan = Path(plan) if plan else spec.path / "model.plan"

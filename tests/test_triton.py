@@ -21,8 +21,9 @@ import tritonclient.http as httpclient
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from cvops.bundle import ModelBundle
 from cvops.errors import CvopsError, ParameterError
-from cvops.triton import (TritonServer, build_repository, default_triton_env_dir, ensure_triton_env, read_bundle,
+from cvops.triton import (TritonServer, build_repository, default_triton_env_dir, ensure_triton_env,
                           triton_infer)
 
 CLASSES = ["circle", "square", "star", "triangle"]
@@ -59,14 +60,14 @@ def bundle(tmp_path_factory):
     import torch
     from torch import nn
 
-    from cvops.export import write_bundle
+    from cvops.export import export_bundle
     from cvops.preprocess import PreprocessSpec
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(8, 16, 3, padding=1),
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, len(CLASSES))).eval()
     inputs = np.random.default_rng(1).normal(size=(8, 3, SIZE, SIZE)).astype(np.float32)
-    out, parity = write_bundle(model, CLASSES, PreprocessSpec(size=SIZE), tmp_path_factory.mktemp("b") / "bundle",
+    out, parity = export_bundle(model, CLASSES, PreprocessSpec(size=SIZE), tmp_path_factory.mktemp("b") / "bundle",
                                inputs, name=NAME)
     assert parity.passed, parity
     return out
@@ -237,7 +238,7 @@ def test_bad_parameters_are_refused(bundle, tmp_path):
     with pytest.raises(ParameterError, match="variant must be one of"):
         build_repository(bundle, tmp_path, "m", variant="pytorch")
     assert not (tmp_path / "m").exists()
-    assert read_bundle(bundle).input_dims == [3, SIZE, SIZE]
+    assert ModelBundle.load(bundle).input.dims == [3, SIZE, SIZE]
 
 
 def test_stop_by_pid_leaves_nothing(bundle, triton_env, tmp_path):
