@@ -5,17 +5,23 @@
 # %% ../nbs/93_cli_models.ipynb #c525d8ad
 from __future__ import annotations
 
+import functools
 import json
+from pathlib import Path
 
 import click
+from pydantic import Field
 
 from .cli import cli, params_command
-from .config import load_config
+from .config import Params, load_config
 from .export import ExportParams
+from .triton import Variant
+
 
 # %% auto #0
-__all__ = ['export_cmd', 'registry', 'registry_list', 'registry_show', 'registry_promote', 'registry_rollback', 'registry_diff',
-           'triton', 'triton_repo', 'triton_serve']
+__all__ = ['export_cmd', 'RegistryListParams', 'RegistryShowParams', 'RegistryPromoteParams', 'RegistryRollbackParams',
+           'RegistryDiffParams', 'registry', 'registry_list', 'registry_show', 'registry_promote', 'registry_rollback',
+           'registry_diff', 'TritonRepoParams', 'TritonServeParams', 'triton', 'triton_repo', 'triton_serve']
 
 # %% ../nbs/93_cli_models.ipynb #0ed6724c
 @params_command(cli, "export", ExportParams)
@@ -29,6 +35,52 @@ def export_cmd(p:ExportParams):
     if r.tensorrt: click.echo(f"TensorRT: {r.tensorrt}")
     if r.model_version: click.echo(f"registered {r.name} v{r.model_version} (onnx sha256 {r.onnx_sha256[:12]}…)")
 
+def _positional(cmd:click.Command, # a command made by `params_command`
+                *fields:str,       # its fields that may also be given as arguments, in order
+               ) -> click.Command:
+    "Let `fields` also be given positionally (`cvops registry promote 3`), as well as by option or `-p`."
+    inner = cmd.callback
+    @functools.wraps(inner)
+    def callback(*args, **kw):
+        for f in fields:
+            value = kw.pop(f"{f}_", None)
+            if value is None: continue
+            if kw.get(f) not in (None, value):
+                raise click.UsageError(f"{f} given twice: {value!r} and --{f.replace('_', '-')} {kw[f]!r}")
+            kw[f] = value
+        return inner(*args, **kw)
+    cmd.callback = callback
+    cmd.params[:0] = [click.Argument([f"{f}_"], required=False, metavar=f.upper()) for f in fields]
+    return cmd
+
+
+# %% ../nbs/93_cli_models.ipynb #2ca6b5d1
+class _ModelParams(Params):
+    name: str|None = Field(None, description="model name (default: the project's model)")
+
+class RegistryListParams(_ModelParams):
+    "Parameters of `cvops registry list`."
+
+class RegistryShowParams(_ModelParams):
+    "Parameters of `cvops registry show`."
+    ref: str = Field("production", description="a version number, 'latest' or an alias")
+
+class RegistryPromoteParams(_ModelParams):
+    "Parameters of `cvops registry promote`."
+    version: str = Field(description="the version to point the alias at: a number, 'latest' or another alias")
+    alias: str = Field("production", description="challenger, qa or production")
+    reason: str = Field("manual promotion", description="recorded in the history")
+
+class RegistryRollbackParams(_ModelParams):
+    "Parameters of `cvops registry rollback`."
+    alias: str = Field("production", description="the alias to roll back")
+    reason: str = Field("manual rollback", description="recorded in the history")
+
+class RegistryDiffParams(_ModelParams):
+    "Parameters of `cvops registry diff`."
+    a: str = Field(description="one version: a number, 'latest' or an alias")
+    b: str = Field(description="the other version")
+
 @cli.group()
 def registry():
     "Model registry: versions, aliases (challenger, qa, production), promotion and rollback."
@@ -39,11 +91,12 @@ def _reg():
 
 def _name(name): return name or load_config().model
 
-@registry.command("list")
-@click.option("--name", default=None, help="model name (default: the project's model)")
-def registry_list(name):
+def _aliases_line(name:str, aliases:dict) -> str: return f"{name}: " + ", ".join(f"{a}→v{v}" for a, v in sorted(aliases.items()))
+
+@params_command(registry, "list", RegistryListParams)
+def registry_list(p:RegistryListParams):
     "List the versions of a model with their aliases and key metrics."
-    reg = _reg(); name = _name(name)
+    reg = _reg(); name = _name(p.name)
     versions = reg.versions(name)
     if not versions:
         click.echo(f"no versions of {name} yet (models: {', '.join(reg.models()) or 'none'})"); return
@@ -54,50 +107,50 @@ def registry_list(name):
         click.echo(f"{name} v{v.version}  {v.created}  run={v.lineage.get('run_id')}  data={v.lineage.get('dataset_version')}"
                    f"  acc={acc if acc is None else round(acc, 4)}  {' '.join(by_version.get(v.version, []))}")
 
-@registry.command("show")
-@click.argument("ref", default="production")
-@click.option("--name", default=None, help="model name (default: the project's model)")
-def registry_show(ref, name):
+@params_command(registry, "show", RegistryShowParams)
+def registry_show(p:RegistryShowParams):
     "Show one version (a number, 'latest' or an alias) as JSON, with the alias history."
-    reg = _reg(); name = _name(name)
-    mv = reg.get(name, ref)
+    reg = _reg(); name = _name(p.name)
+    mv = reg.get(name, p.ref)
     click.echo(json.dumps(dict(**mv.model_dump(), aliases=reg.aliases(name), history=reg.history(name)), indent=2))
 
-@registry.command("promote")
-@click.argument("version")
-@click.option("--alias", default="production", help="challenger, qa or production [default: production]")
-@click.option("--reason", default="manual promotion", help="recorded in the history")
-@click.option("--name", default=None, help="model name (default: the project's model)")
-def registry_promote(version, alias, reason, name):
+@params_command(registry, "promote", RegistryPromoteParams)
+def registry_promote(p:RegistryPromoteParams):
     "Point an alias at a version (verified first); atomic."
-    aliases = _reg().promote(_name(name), version, alias, reason)
-    click.echo(f"{_name(name)}: " + ", ".join(f"{a}→v{v}" for a, v in sorted(aliases.items())))
+    click.echo(_aliases_line(_name(p.name), _reg().promote(_name(p.name), p.version, p.alias, p.reason)))
 
-@registry.command("rollback")
-@click.option("--alias", default="production", help="the alias to roll back [default: production]")
-@click.option("--reason", default="manual rollback", help="recorded in the history")
-@click.option("--name", default=None, help="model name (default: the project's model)")
-def registry_rollback(alias, reason, name):
+@params_command(registry, "rollback", RegistryRollbackParams)
+def registry_rollback(p:RegistryRollbackParams):
     "Point an alias back at its previous version."
-    aliases = _reg().rollback(_name(name), alias, reason)
-    click.echo(f"{_name(name)}: " + ", ".join(f"{a}→v{v}" for a, v in sorted(aliases.items())))
+    click.echo(_aliases_line(_name(p.name), _reg().rollback(_name(p.name), p.alias, p.reason)))
 
-@registry.command("diff")
-@click.argument("a")
-@click.argument("b")
-@click.option("--name", default=None, help="model name (default: the project's model)")
-def registry_diff(a, b, name):
+@params_command(registry, "diff", RegistryDiffParams)
+def registry_diff(p:RegistryDiffParams):
     "What differs between two versions: metrics, lineage, files."
-    click.echo(json.dumps(_reg().diff(_name(name), a, b), indent=2, default=str))
+    click.echo(json.dumps(_reg().diff(_name(p.name), p.a, p.b), indent=2, default=str))
+
+_positional(registry_show, "ref"); _positional(registry_promote, "version"); _positional(registry_diff, "a", "b")
+
 
 # %% ../nbs/93_cli_models.ipynb #49362dfa
+class TritonRepoParams(_ModelParams):
+    "Parameters of `cvops triton repo`."
+    out: Path = Field(description="model repository folder (created if missing)")
+    ref: str = Field("production", description="registry version: alias, 'latest' or a number")
+    variant: Variant = Field("onnxruntime", description="python: the bundled local tritonserver; the others: NVIDIA's Triton")
+    max_batch: int = Field(32, ge=1, le=4096, description="max_batch_size of the model")
+
+class TritonServeParams(_ModelParams):
+    "Parameters of `cvops triton serve`."
+    ref: str = Field("production", description="registry version: alias, 'latest' or a number")
+    max_batch: int = Field(32, ge=1, le=4096, description="max_batch_size of the model")
+
 @cli.group()
 def triton():
     "Triton: model repositories from the registry, and a local tritonserver on loopback."
 
 def _triton_repo(name, ref, variant, out, max_batch):
     import tempfile
-    from pathlib import Path
     from cvops.triton import TritonBatching, build_repository
     reg = _reg(); name = _name(name)
     mv = reg.get(name, ref)
@@ -108,29 +161,20 @@ def _triton_repo(name, ref, variant, out, max_batch):
         path = build_repository(bundle, out, name, version=mv.version, variant=variant, batching=batching, overwrite=True, **kind)
     return mv, path
 
-@triton.command("repo")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="model repository folder (created if missing)")
-@click.option("--ref", default="production", help="registry version: alias, 'latest' or a number [default: production]")
-@click.option("--variant", type=click.Choice(["python", "onnxruntime", "onnxruntime-trt", "tensorrt"]), default="onnxruntime",
-              show_default=True, help="python: the bundled local tritonserver; the others: NVIDIA's Triton")
-@click.option("--max-batch", type=click.IntRange(1, 4096), default=32, show_default=True, help="max_batch_size of the model")
-@click.option("--name", default=None, help="model name (default: the project's model)")
-def triton_repo(out, ref, variant, max_batch, name):
+@params_command(triton, "repo", TritonRepoParams)
+def triton_repo(p:TritonRepoParams):
     "Write a Triton model repository for a registered model version."
-    mv, path = _triton_repo(name, ref, variant, out, max_batch)
-    click.echo(f"{mv.name} v{mv.version} → {path} ({variant})")
+    mv, path = _triton_repo(p.name, p.ref, p.variant, p.out, p.max_batch)
+    click.echo(f"{mv.name} v{mv.version} → {path} ({p.variant})")
 
-@triton.command("serve")
-@click.option("--ref", default="production", help="registry version: alias, 'latest' or a number [default: production]")
-@click.option("--max-batch", type=click.IntRange(1, 4096), default=32, show_default=True, help="max_batch_size of the model")
-@click.option("--name", default=None, help="model name (default: the project's model)")
-def triton_serve(ref, max_batch, name):
+@params_command(triton, "serve", TritonServeParams)
+def triton_serve(p:TritonServeParams):
     "Start the bundled tritonserver on 127.0.0.1 with a registered model (Python backend), until Ctrl-C."
     import time
     from cvops.triton import TritonServer, ensure_triton_env
     cfg = load_config()
     repo = cfg.home_dir / "triton" / "repository"
-    mv, _ = _triton_repo(name, ref, "python", repo, max_batch)
+    mv, _ = _triton_repo(p.name, p.ref, "python", repo, p.max_batch)
     click.echo("preparing the Triton environment (first time: a minute) …", err=True)
     env = ensure_triton_env()
     server = TritonServer(repo, env=env, metrics=True).start()
@@ -141,3 +185,4 @@ def triton_serve(ref, max_batch, name):
         while server.is_running(): time.sleep(1)
     except KeyboardInterrupt: pass
     finally: server.stop()
+
