@@ -63,11 +63,11 @@ class InProcess:
     def run(self, x): return self.sess.run(["logits"], {"input": x})[0]
 
     def full(self, d: bytes):
-        from cvops.preprocess import load_image, to_input
-        img = load_image(d, 16_000_000, ("JPEG", "PNG", "WEBP"))
+        from cvops.preprocess import load_image, softmax, to_input
+        from cvops.serve_http import FORMATS
+        img = load_image(d, 16_000_000, FORMATS)
         small = img if img.size == (self.S, self.S) else img.resize((self.S, self.S), self.rs)
-        z = self.run(to_input(small, self.b.spec)[None]).astype(np.float64)
-        p = np.exp(z - z.max()); p /= p.sum()
+        p = softmax(self.run(to_input(small, self.b.spec)[None]))
         return [(self.b.classes[j], float(p[0, j])) for j in np.argsort(-p[0])[:3]]
 
 
@@ -271,4 +271,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from cvops.config import set_process_defaults
+    set_process_defaults()  # an entry point: passive OpenMP waiting before torch (the bundle export) is imported
     main()

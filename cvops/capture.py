@@ -67,7 +67,7 @@ def write_capture(fs, root:str, cap:Capture) -> str:
     fs.mv(side + ".part", side)
     return side
 
-# %% ../nbs/42_capture.ipynb #ea5f1b82
+# %% ../nbs/42_capture.ipynb #a903d3e5
 class CaptureWriter:
     "Best-effort capture of a sample of requests to `<store>/captures/`, written by a background thread."
     def __init__(self, url:str,               # the artifact store's URL or folder (any fsspec URL)
@@ -127,8 +127,8 @@ class CaptureWriter:
         threading.Thread(target=lambda: (self._queue.join(), done.set()), daemon=True).start()
         return done.wait(timeout)
 
-    def close(self, timeout:float=5.0):
-        "Write what is queued (up to `timeout`), then stop the thread."
+    def stop(self, timeout:float=5.0):
+        "Write what is queued (up to `timeout`), then stop the thread (`start` starts it again)."
         if self._thread is None: return
         self.flush(timeout)
         try: self._queue.put(None, timeout=0.5)

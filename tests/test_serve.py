@@ -17,7 +17,7 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
-from serve_helpers import BIN, Gateway, encode, make_bundle, make_images, reference_topk  # noqa: E402
+from serve_helpers import BIN, Gateway, encode, free_port, make_bundle, make_images, reference_topk  # noqa: E402
 
 KEY = "test-key-0123456789"
 
@@ -175,7 +175,7 @@ BAD = [  # name, route, kwargs for httpx, expected status, words the message mus
     ("truncated png", "/v1/predict", dict(content=_png_bytes()[:60], headers={"content-type": "image/png"}), 400, "truncated"),
     ("wrong content type", "/v1/predict", dict(content=_png_bytes(), headers={"content-type": "text/plain"}), 415, "content type 'text/plain'"),
     ("json to predict", "/v1/predict", dict(json={"a": 1}), 415, "unsupported content type"),
-    ("gif", "/v1/predict", dict(content=encode(Image.new("P", (8, 8)), "GIF"), headers={"content-type": "application/octet-stream"}), 400, "unsupported image format GIF"),
+    ("gif", "/v1/predict", dict(content=encode(Image.new("P", (8, 8)), "GIF"), headers={"content-type": "application/octet-stream"}), 415, "unsupported image format GIF; accepted: JPEG, PNG, WEBP"),
     ("decompression bomb", "/v1/predict", dict(content=encode(Image.new("L", (3000, 3000)), "PNG"), headers={"content-type": "image/png"}), 413, "too large"),
     ("too-large body", "/v1/predict", dict(content=b"\0" * 2_500_000, headers={"content-type": "image/png"}), 413, "body too large"),
     ("too-large chunked body", "/v1/predict", dict(content=_chunked_big, headers={"content-type": "image/png"}), 413, "body too large"),
@@ -222,6 +222,17 @@ def test_api_key(gw):
         assert c.get("/healthz").json() == {"status": "ok"}
         ready = c.get("/readyz")
         assert ready.status_code == 200 and ready.json()["ready"] is True and ready.json()["model"]["name"] == "shapes"
+
+
+def test_backend_down_is_503_with_retry_after(assets, tmp_path):
+    url = f"127.0.0.1:{free_port()}"  # nothing listens there: the Triton backend cannot answer
+    with Gateway("--model-dir", assets["a"], "--backend", "triton", "--triton-url", url, "--triton-timeout", 2,
+                 env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g, client(g, None) as c:
+        r = c.post("/v1/predict", content=_png_bytes(), headers={"content-type": "image/png"})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.headers, r.text)
+        assert r.json()["detail"].startswith("backend unavailable: Triton at http://" + url), r.text
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["ready"] is False, ready.text
 
 
 # -- metrics --------------------------------------------------------------------
@@ -413,6 +424,7 @@ def test_triton_backend_topk_down_and_recovery(assets, triton, tmp_path, protoco
         triton.stop()
         r = c.post("/v1/predict", content=datas[0], headers={"content-type": "image/png"})
         assert r.status_code == 503 and "backend unavailable" in r.json()["detail"] and url in r.json()["detail"], r.text
+        assert r.headers["retry-after"] == "1"
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False and ready.json()["detail"], ready.text
         # ... and comes back on the same ports: the gateway recovers by itself
