@@ -54,7 +54,7 @@ def cpu_seconds(pid: int) -> float:
 class InProcess:
     "The gateway's work without HTTP: decode, preprocess, ONNX Runtime (same session options), softmax, top-k."
     def __init__(self, bundle: Path):
-        from cvops.backends import ModelBundle, ort_session
+        from cvops.bundle import ModelBundle, ort_session
         from PIL import Image
         self.b = b = ModelBundle.load(bundle)
         self.sess = ort_session(b.onnx_path)

@@ -16,7 +16,7 @@ from .preprocess import PreprocessSpec
 from .store import sha256_file
 
 # %% auto #0
-__all__ = ['BUNDLE_FILES', 'INPUT_NAME', 'OUTPUT_NAME', 'TensorSpec', 'ModelBundle', 'ort_session', 'write_bundle']
+__all__ = ['BUNDLE_FILES', 'INPUT_NAME', 'OUTPUT_NAME', 'TensorSpec', 'ModelBundle', 'ort_session', 'write_bundle', 'toy_bundle']
 
 # %% ../nbs/04_bundle.ipynb #eb047a16
 BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")  # what every bundle folder holds
@@ -165,3 +165,24 @@ def write_bundle(folder:str|Path,          # the bundle folder (created if missi
     spec.save(folder / "preprocess.json")
     (folder / "model.json").write_text(json.dumps({**contract, **(extra or {})}, indent=2, default=str))
     return ModelBundle.load(folder)
+
+# %% ../nbs/04_bundle.ipynb #7b0e2c11
+def toy_bundle(folder:str|Path,   # the bundle folder to write (created if missing)
+               classes:tuple[str, ...]=("circle", "square", "star", "triangle"), # class names, in logit order
+               size:int=16,       # input side in pixels
+               scale:float=1.0,   # multiplies the weights (two scales give two models that answer differently)
+              ) -> tuple[Path, "np.ndarray"]: # the folder, and the (3, classes) weight matrix
+    "A tiny bundle for examples and tests: logits = per-channel mean of the input @ a fixed matrix (no torch, no training)."
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    w = scale * np.arange(3 * len(classes), dtype=np.float32).reshape(3, len(classes)) / 10
+    g = helper.make_graph(
+        [helper.make_node("ReduceMean", [INPUT_NAME, "axes"], ["m"], keepdims=0), helper.make_node("MatMul", ["m", "w"], [OUTPUT_NAME])],
+        "toy", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3, size, size])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(classes)])],
+        [helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]), helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), folder / "model.onnx")
+    write_bundle(folder, list(classes), PreprocessSpec(size=size), name="toy", extra={"opset": 18})
+    return folder, w

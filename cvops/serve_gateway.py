@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from .backends import ModelBundle
+from .bundle import ModelBundle
 from .capture import Capture, CaptureWriter
 from .errors import BackendUnavailable, CvopsError, ImageError
 from .preprocess import load_image, sniff_format

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .backends import Backend, ModelBundle, make_backend
+from .backends import Backend, make_backend
+from .bundle import ModelBundle
 from .preprocess import image_stats, softmax, to_input
 from .serve_config import ServeSettings
 from .store import sha256_file

@@ -31,15 +31,15 @@ def make_images(out: Path, n: int = 24, size: int = 64, seed: int = 0) -> list[P
 
 def make_bundle(out: Path, images: list[Path], size: int = 64, seed: int = 0, backbone: str = "mobilenet_v3_small",
                 name: str = "shapes") -> Path:
-    "Export a seeded torchvision CNN into a model bundle (contract D) with cvops.export.write_bundle."
+    "Export a seeded torchvision CNN into a model bundle (contract D) with cvops.export.export_bundle."
     import torch, torchvision
-    from cvops.export import write_bundle
+    from cvops.export import export_bundle
     from cvops.preprocess import PreprocessSpec, preprocess_bytes
     torch.manual_seed(seed)
     model = getattr(torchvision.models, backbone)(num_classes=4).eval()
     spec = PreprocessSpec(size=size)
     x = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in images[:16]])
-    out, _ = write_bundle(model, ["circle", "square", "star", "triangle"], spec, out, x, tolerance=1e-3, name=name)
+    out, _ = export_bundle(model, ["circle", "square", "star", "triangle"], spec, out, x, tolerance=1e-3, name=name)
     return out
 
 

@@ -124,20 +124,6 @@ def test_dashboard_queries_only_metrics_the_gateway_exports(tmp_path):
 
 
 def _toy_bundle(folder: Path, size: int = 16):
-    "A tiny ONNX model bundle (contract D) built with the onnx helper API."
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper
-    from cvops.preprocess import PreprocessSpec
-    folder.mkdir(parents=True)
-    classes = ["circle", "square", "star", "triangle"]
-    w = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
-    g = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input", "axes"], ["m"], keepdims=0), helper.make_node("MatMul", ["m", "w"], ["logits"])], "toy",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
-        [helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]), helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), folder / "model.onnx")
-    (folder / "labels.txt").write_text("\n".join(classes) + "\n")
-    PreprocessSpec(size=size).save(folder / "preprocess.json")
-    (folder / "model.json").write_text(json.dumps({"name": "toy", "classes": classes}))
+    "A tiny ONNX model bundle (cvops.bundle.toy_bundle)."
+    from cvops.bundle import toy_bundle
+    toy_bundle(folder, size=size)
