@@ -7,19 +7,25 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+import json
+import os
+from typing import Iterable, Literal
 
 import numpy as np
+from pydantic import Field
 
-from .config import ProjectConfig, load_config
+from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, NotFoundError, ParameterError
-from .data import (SPLITS, DatasetVersion, _check_label, fiftyone_db, load_version, open_dataset, version_view)
+from .db import DatasetParams, SPLITS, fiftyone_db, open_dataset
+from .sources import check_label
+from .versions import DatasetVersion, load_version, version_view
 from .preprocess import load_image
 
 # %% auto #0
 __all__ = ['REVIEW_VIEWS', 'class_balance', 'imbalance_ratio', 'format_balance', 'plot_balance', 'select', 'tag_samples',
            'untag_samples', 'set_labels', 'review_view', 'mistakes_view', 'pixel_embedding', 'compute_uniqueness',
-           'near_duplicates', 'launch_app']
+           'near_duplicates', 'app_do_not_track', 'launch_app', 'BalanceParams', 'TagParams', 'LabelParams',
+           'ReviewParams', 'DuplicatesParams', 'UniquenessParams', 'AppParams']
 
 # %% ../nbs/11_curate.ipynb #3d040f39
 def class_balance(dataset:str|None=None,                 # FiftyOne dataset (default: the project's)
@@ -126,7 +132,7 @@ def set_labels(labels:dict[str, str],          # sha256 → label
     cfg = cfg or load_config()
     fo = fiftyone_db(cfg)
     ds = open_dataset(dataset, cfg)
-    labels = {s: _check_label(l, f"the label for {s}") for s, l in labels.items()}
+    labels = {s: check_label(l, f"the label for {s}") for s, l in labels.items()}
     empty = [s for s, l in labels.items() if l is None]
     if empty: raise ParameterError(f"empty label for {', '.join(empty[:5])}")
     prefixes = _check_prefixes(labels)
@@ -233,6 +239,22 @@ def near_duplicates(dataset:str|None=None, cfg:ProjectConfig|None=None,
     return sorted(groups)
 
 # %% ../nbs/11_curate.ipynb #bbfb639b
+def app_do_not_track(environ:dict|None=None,     # the environment (default: `os.environ`)
+                     user_config:dict|None=None, # the user's FiftyOne config file, parsed (default: none)
+                    ) -> bool:                   # True: the App does not ask for (or send) usage analytics
+    "Whether the App cvops starts runs with FiftyOne's `do_not_track`: yes, unless the user set it themselves."
+    env = os.environ if environ is None else environ
+    if env.get("FIFTYONE_DO_NOT_TRACK") is not None:  # parsed the way FiftyOne parses it
+        return env["FIFTYONE_DO_NOT_TRACK"].strip().lower() in ("yes", "true", "1")
+    if user_config and "do_not_track" in user_config: return bool(user_config["do_not_track"])
+    return True
+
+def _user_fiftyone_config(fo) -> dict:
+    "The user's FiftyOne config file, parsed; {} when there is none (or it is unreadable: FiftyOne reports that)."
+    path = fo.core.config.locate_config()
+    try: return json.loads(open(path).read()) if os.path.isfile(path) else {}
+    except (OSError, ValueError): return {}
+
 def launch_app(dataset:str|None=None,                # FiftyOne dataset (default: the project's)
                version:DatasetVersion|str|None=None, # show only this version's samples
                address:str="127.0.0.1",              # interface to listen on (loopback by default)
@@ -245,6 +267,47 @@ def launch_app(dataset:str|None=None,                # FiftyOne dataset (default
     if not 0 < int(port) < 65536: raise ParameterError(f"port must be 1..65535, got {port}")
     if version is not None:
         v = version if isinstance(version, DatasetVersion) else load_version(version, dataset, cfg=cfg)
-        view = version_view(v, cfg=cfg)
-        return fo.launch_app(view, address=address, port=int(port), remote=True, auto=False)
-    return fo.launch_app(open_dataset(dataset, cfg), address=address, port=int(port), remote=True, auto=False)
+        target = version_view(v, cfg=cfg)
+    else: target = open_dataset(dataset, cfg)
+    # the App server process takes `do_not_track` from this process's config when it starts: set it for that moment
+    saved = fo.config.do_not_track
+    fo.config.do_not_track = app_do_not_track(user_config=_user_fiftyone_config(fo))
+    try: return fo.launch_app(target, address=address, port=int(port), remote=True, auto=False)
+    finally: fo.config.do_not_track = saved
+
+# %% ../nbs/11_curate.ipynb #e52ede4e
+class BalanceParams(DatasetParams):
+    "`cvops data balance`: the class balance per split, and the imbalance ratio."
+    dataset_version: str|None = Field(None, description="count a version instead of the live dataset")
+
+class TagParams(DatasetParams):
+    "`cvops data tag` / `untag`: add or remove a tag on the selected samples."
+    tag: str = Field(..., description="the tag")
+    sha: list[str] = Field([], description="content hash or prefix (at least 8 digits), repeatable")
+    label: str|None = Field(None, description="ground-truth label")
+    split: Literal["train", "val", "test"]|None = Field(None, description="split")
+
+class LabelParams(DatasetParams):
+    "`cvops data label`: set the ground-truth label of one sample (clears its needs_label tag)."
+    sha256: str = Field(..., description="content hash of the sample, or a unique prefix (at least 8 digits)")
+    label: str = Field(..., description="the label")
+
+class ReviewParams(DatasetParams):
+    "`cvops data review`: build and save a label-review view, list its first samples."
+    kind: Literal["needs_label", "quarantined", "label_conflict", "capture_disagreement", "mistakes"] = Field(
+        ..., description="which review view")
+    limit: int = Field(10, ge=0, description="samples to list")
+
+class DuplicatesParams(DatasetParams):
+    "`cvops data duplicates`: find near-duplicate images and tag all but the first of each group."
+    threshold: float = Field(0.1, ge=0, description="embedding distance below which images are near-duplicates")
+
+class UniquenessParams(DatasetParams):
+    "`cvops data uniqueness`: score each sample's uniqueness."
+    top: int = Field(5, ge=0, description="how many of the least and most unique to list")
+
+class AppParams(DatasetParams):
+    "`cvops data app`: run the FiftyOne App for a dataset or a version until interrupted."
+    dataset_version: str|None = Field(None, description="show only this version's samples")
+    address: str = Field("127.0.0.1", description="interface to listen on")
+    port: int = Field(5151, ge=1, le=65535, description="TCP port")

@@ -15,22 +15,22 @@ from contextlib import closing
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from .config import ProjectConfig, load_config
 from .errors import CvopsError, ImageError
 from .preprocess import load_image, sniff_format
 from .store import project_store, sha256_bytes
-from .db import (DEFAULT_FRACTIONS, SPLITS, _DB, check_dataset_name, check_fractions, close_db, declare_sample_fields,
+from .db import (DEFAULT_FRACTIONS, DatasetParams, SPLITS, _DB, check_dataset_name, check_fractions, close_db, declare_sample_fields,
                       fiftyone_db, fiftyone_dir, list_datasets, media_path, open_dataset, split_for)
 from .sources import FORMATS, SourceItem, check_label, detect_format, read_source
 from .versions import (DatasetVersion, VersionSample, create_version, export_version, list_versions, load_version,
                             verify_version, version_hash, version_ids, version_view, versioned_datasets)
 
 # %% auto #0
-__all__ = ['Quarantined', 'Duplicate', 'LabelConflict', 'IngestReport', 'ingest']
+__all__ = ['Quarantined', 'Duplicate', 'LabelConflict', 'IngestReport', 'ingest', 'IngestParams']
 
 # %% ../nbs/10_data.ipynb #4dc14b45
 # names that lived here before the split, kept importable from `cvops.data` for existing importers
@@ -314,3 +314,12 @@ def _update_labels(ds, fo, fill:dict[str, str], conflicted:set[str]) -> int: # n
         view.untag_samples("needs_label")
     if conflicted: ds.match(fo.ViewField("sha256").is_in(list(conflicted))).tag_samples("label_conflict")
     return len(fill)
+
+# %% ../nbs/10_data.ipynb #d31e597a
+class IngestParams(DatasetParams):
+    "`cvops data ingest`: ingest a source into a dataset (created if new)."
+    src: str = Field(..., description="image-folder tree, COCO .json, folder + labels .csv, or captures folder/URL")
+    format: Literal["auto", "folder", "coco", "csv", "captures"] = Field("auto", description="source format")
+    images: str|None = Field(None, description="COCO/CSV: folder holding the images (default: beside the label file)")
+    labels: str|None = Field(None, description="CSV: the labels file (default: the one .csv in SRC)")
+    strict: bool = Field(False, description="exit with code 1 if any file was quarantined or had a label conflict")

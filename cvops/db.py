@@ -11,12 +11,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .config import ProjectConfig, load_config
+from pydantic import Field, field_validator
+
+from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, NotFoundError, ParameterError
 
 # %% auto #0
 __all__ = ['SPLITS', 'DEFAULT_FRACTIONS', 'fiftyone_dir', 'fiftyone_db', 'close_db', 'split_for', 'check_fractions',
-           'check_dataset_name', 'open_dataset', 'declare_sample_fields', 'media_path', 'list_datasets']
+           'check_dataset_name', 'open_dataset', 'declare_sample_fields', 'media_path', 'list_datasets',
+           'DatasetParams', 'ListDatasetsParams']
 
 # %% ../nbs/12_db.ipynb #943370a8
 _DB: dict[str, Any] = {}  # the database this process is connected to: {"target": dir or URI, "service": …}
@@ -163,3 +166,15 @@ def list_datasets(cfg:ProjectConfig|None=None) -> dict[str, int]:
     "Name → number of samples of every FiftyOne dataset in the project's database."
     fo = fiftyone_db(cfg)
     return {n: len(fo.load_dataset(n)) for n in fo.list_datasets()}
+
+# %% ../nbs/12_db.ipynb #21463ff0
+class DatasetParams(Params):
+    "Parameters of an operation on one dataset of the project."
+    dataset: str|None = Field(None, description="FiftyOne dataset (default: the project's `dataset`)")
+
+    @field_validator("dataset")
+    @classmethod
+    def _valid_name(cls, v): return v if v is None else check_dataset_name(v)
+
+class ListDatasetsParams(Params):
+    "`cvops data datasets`: list the project's datasets (no parameters)."

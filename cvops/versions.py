@@ -12,16 +12,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from .config import ProjectConfig, load_config
-from .db import SPLITS, check_dataset_name, fiftyone_db, open_dataset
+from .db import SPLITS, DatasetParams, check_dataset_name, fiftyone_db, open_dataset
 from .errors import CvopsError, IntegrityError, NotFoundError, ParameterError
 from .store import ArtifactStore, project_store, sha256_bytes
 
 # %% auto #0
 __all__ = ['VersionSample', 'DatasetVersion', 'version_hash', 'create_version', 'version_ids', 'versioned_datasets',
-           'list_versions', 'load_version', 'export_version', 'verify_version', 'version_view']
+           'list_versions', 'load_version', 'export_version', 'verify_version', 'version_view', 'CreateVersionParams',
+           'ListVersionsParams', 'VerifyVersionParams', 'ExportVersionParams']
 
 # %% ../nbs/14_versions.ipynb #6197189f
 class VersionSample(BaseModel):
@@ -194,3 +195,19 @@ def version_view(version:DatasetVersion|str, # a version (or its id)
     ds = open_dataset(dataset or version.dataset, cfg)
     F = fiftyone_db(cfg).ViewField
     return ds.match(F("sha256").is_in([s.sha256 for s in version.samples]))
+
+# %% ../nbs/14_versions.ipynb #26c496dd
+class CreateVersionParams(DatasetParams):
+    "`cvops data version`: snapshot a dataset's labelled, readable samples as an immutable version."
+
+class ListVersionsParams(DatasetParams):
+    "`cvops data versions`: list the versions of a dataset, oldest first, each verified."
+
+class VerifyVersionParams(DatasetParams):
+    "`cvops data verify`: re-hash a version's manifest and every image blob."
+    dataset_version: str = Field(..., description="version id, unique prefix, or 'latest'")
+
+class ExportVersionParams(DatasetParams):
+    "`cvops data export`: write a version as a training folder `out/<split>/<label>/<sha256>.<ext>`."
+    dataset_version: str = Field(..., description="version id, unique prefix, or 'latest'")
+    out: Path = Field(..., description="destination folder: DIR/<split>/<label>/<sha256>.<ext>")
