@@ -69,8 +69,12 @@ def main():
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cvops-bench-ingest-"))
     os.environ.update(CVOPS_HOME=str(work / ".cvops"), CVOPS_STORE_URL=str(work / "store"), FIFTYONE_DO_NOT_TRACK="true")
+    from cvops.config import set_process_defaults
+    set_process_defaults()  # an entry point: OMP_WAIT_POLICY and friends, unless set
     from cvops.synth import generate
-    from cvops.data import fiftyone_db, ingest, create_version
+    from cvops.data import ingest
+    from cvops.db import fiftyone_db
+    from cvops.versions import create_version
     src = work / "src"
     generate(out=src, n=args.n, seed=0, size=args.size, progress=False)
     walk_hash(src)  # warm the page cache: every measurement below reads from memory
@@ -115,7 +119,7 @@ def main():
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")
     import shutil
-    from cvops.data import close_db
+    from cvops.db import close_db
     close_db()  # stop the benchmark's mongod before its folder goes
     shutil.rmtree(work, ignore_errors=True)
 

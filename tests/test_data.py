@@ -167,8 +167,46 @@ def test_mixed_folder_gives_exact_counts(cfg, tmp_path):
     assert len(ds.match_tags("label_conflict")) == 1
     assert len(create_version(ds_name).samples) == 12                                 # quarantined stay out
     again = ingest(src, ds_name, progress=False)
-    assert again.nothing_new and again.already_present == 18 and not again.duplicates_in_source  # all bytes known now
+    assert again.nothing_new and again.already_present == 14 and not again.duplicates_in_source  # all bytes known now
+    assert {q.path: q.reason for q in again.quarantined_before} == reasons            # with the reasons given then
     assert len(again.conflicts) == 1                                                  # still reported
+
+
+def test_invalid_file_under_two_class_folders_is_quarantined_twice(tmp_path):
+    "Validity before deduplication: each copy of a bad file is quarantined with its reason, never a label conflict."
+    from cvops.data import ingest, open_dataset
+    src = synth(tmp_path / "bad2", 8, seed=4)
+    for cls in ("circle", "square"):
+        (src / cls / "empty.jpg").write_bytes(b"")
+        (src / cls / "readme.jpg").write_text("a text file named .jpg")
+    ds_name = name()
+    rep = ingest(src, ds_name, progress=False)
+    reasons = {q.path: q.reason for q in rep.quarantined}
+    assert set(reasons) == {"circle/empty.jpg", "square/empty.jpg", "circle/readme.jpg", "square/readme.jpg"}, rep
+    assert "empty" in reasons["square/empty.jpg"] and "not an image" in reasons["square/readme.jpg"]
+    assert not rep.conflicts and not rep.duplicates_in_source and rep.added == 8
+    assert rep.seen == rep.added + len(rep.quarantined)
+    ds = open_dataset(ds_name)
+    assert len(ds.match_tags("label_conflict")) == 0 and len(ds.match_tags("quarantined")) == 2  # one sample per bytes
+    assert "label conflict" not in rep.summary()
+
+
+def test_reingest_says_what_was_quarantined_before(tmp_path):
+    from cvops.data import ingest
+    src = synth(tmp_path / "re", 6, seed=5)
+    (src / "circle" / "empty.png").write_bytes(b"")
+    (src / "star" / "notes.jpg").write_text("not an image")
+    ds_name = name()
+    first = ingest(src, ds_name, progress=False)
+    assert len(first.quarantined) == 2 and first.added == 6
+    again = ingest(src, ds_name, progress=False)
+    assert again.nothing_new and (again.already_present, len(again.quarantined_before)) == (6, 2)
+    assert again.seen == again.already_present + len(again.quarantined_before)
+    lines = again.summary().splitlines()
+    assert lines[0] == (f"nothing new from {src}: 6 files already in dataset {ds_name!r}, 2 quarantined again "
+                        "(an earlier ingest quarantined the same bytes)"), lines
+    assert any(l.startswith("  quarantined before circle/empty.png: ") and "empty" in l for l in lines), lines
+    assert "all 8 files" not in again.summary()
 
 
 # -- the other formats -------------------------------------------------------------------------------------------
@@ -520,7 +558,10 @@ def test_app_answers_on_loopback_and_stops(project, tmp_path):
     ds_name = name("app")
     ingest(synth(tmp_path / "app", 8, seed=18), ds_name, progress=False)
     port = free_port()
-    proc = subprocess.Popen([str(BIN / "cvops"), "data", "app", "-d", ds_name, "--port", str(port)],
+    # as a new user starts it: no FIFTYONE_DO_NOT_TRACK, no FiftyOne config file
+    env = {k: v for k, v in os.environ.items() if k != "FIFTYONE_DO_NOT_TRACK"}
+    env["FIFTYONE_CONFIG_PATH"] = str(tmp_path / "no-fiftyone-config.json")
+    proc = subprocess.Popen([str(BIN / "cvops"), "data", "app", "-d", ds_name, "--port", str(port)], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         deadline, body, status = time.time() + 120, "", None
@@ -536,6 +577,11 @@ def test_app_answers_on_loopback_and_stops(project, tmp_path):
             info = json.loads(resp.read())
         import fiftyone
         assert resp.status == 200 and info["version"] == fiftyone.__version__
+        # the App shows its analytics consent prompt unless the server says doNotTrack
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": "{ doNotTrack }"}).encode(),
+                                     headers={"content-type": "application/json"})
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            assert json.loads(resp.read())["data"]["doNotTrack"] is True
         _screenshot(port, ds_name, tmp_path)
     finally:
         os.kill(proc.pid, signal.SIGTERM)
