@@ -231,7 +231,7 @@ def export_run(params:ExportParams|dict|None=None, # what to export (see `Export
               ) -> ExportResult:
     "Export a training run into a verified bundle and (by default) register it as a new model version."
     from cvops.config import validate_params
-    from cvops.data import load_version
+    from cvops.versions import load_version
     from cvops.train import load_model, load_run
     p = params if isinstance(params, ExportParams) else validate_params(ExportParams, {**(params or {}), **kwargs})
     cfg = cfg or load_config()
