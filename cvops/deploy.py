@@ -71,7 +71,7 @@ def gate(params:GateParams,                 # the challenger, the data and the p
          registry:Registry|None=None,       # where the champion is found (default: the project's)
         ) -> GateResult:
     "Judge the challenger against the production champion on the same data (`registry.decide`); changes nothing."
-    cfg = cfg or load_config()
+    cfg = cfg or (registry.cfg if registry else load_config())
     reg = registry or Registry(cfg=cfg)
     challenger = candidate(params.run_id, params.dataset_version, params.split, store=reg.store, cfg=cfg)
     try: champ = reg.get(cfg.model, "production")
@@ -170,7 +170,7 @@ def deploy(params:DeployParams,            # the gate's decision and the QA sett
            version=None,                   # an already loaded `DatasetVersion` (default: load `params.dataset_version`)
           ) -> DeployResult:
     "Apply the gate's decision: promote to `qa`, run the QA check, then promote to `production` if `qa_decide` passes."
-    cfg = cfg or load_config()
+    cfg = cfg or (registry.cfg if registry else load_config())
     reg = registry or Registry(cfg=cfg)
     if not params.promote:
         return DeployResult(deployed=False, verdict=Verdict(passed=False, reason=f"not deployed: {params.reason}"),
