@@ -45,7 +45,9 @@ class StageSpec(BaseModel):
     def schema(self) -> type[Params]:
         "The stage's Params model, imported now."
         mod, _, cls = self.params.partition(":")
-        return getattr(import_module(mod), cls)
+        try: return getattr(import_module(mod), cls)
+        except (ImportError, AttributeError) as e:
+            raise CvopsError(f"stage {self.name}: its parameters {self.params!r} cannot be imported: {e}") from None
 
 class IngestStage(Params):
     "Parameters of the ingest stage: the ingest operation's, plus the synthetic data made when there is no source."
