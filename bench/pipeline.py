@@ -27,21 +27,16 @@ def run_in_one_process(project: Path, assignments: list[str]) -> None:
     matplotlib.use("Agg")
     import nbformat
     from IPython.display import display
-    from cvops.config import load_config, validate_params
-    from cvops.pipeline import STAGES, resolve_params, select_stages, stage_notebook
+    from cvops.config import load_config
+    from cvops.pipeline import RunManifest, StageRecord, resolve_params, select_stages, stage_notebook, stage_params
     os.chdir(project)
     cfg = load_config(project)
     specs = select_stages(cfg)
     per_stage = resolve_params(specs, assignments, cfg.params)
-    outputs = {}
     run_dir = project / ".cvops" / "inprocess"
+    manifest = RunManifest(id="inprocess", created="", stages=[StageRecord(name=s.name) for s in specs])
     for spec in specs:
-        values = dict(per_stage[spec.name])
-        for param, ref in spec.inputs.items():
-            stage, _, key = ref.partition(".")
-            values.setdefault(param, outputs.get(stage, {}).get(key))
-        values = {k: v for k, v in values.items() if v is not None}
-        params = validate_params(spec.schema(), values).model_dump(mode="json")
+        params = stage_params(spec, per_stage[spec.name], manifest, cfg)  # inputs from earlier stages, as `cvops run` fills them
         stage_dir = run_dir / spec.name
         ns = dict(params, run_dir=str(run_dir), stage_dir=str(stage_dir), display=display, __name__="__stage__")
         nb = nbformat.read(stage_notebook(cfg, spec.name), as_version=4)
@@ -49,7 +44,7 @@ def run_in_one_process(project: Path, assignments: list[str]) -> None:
         for cell in nb.cells:
             if cell.cell_type == "code" and "parameters" not in cell.metadata.get("tags", []):
                 exec(compile(cell.source, f"{spec.name}", "exec"), ns)
-        outputs[spec.name] = json.loads((stage_dir / "outputs.json").read_text())
+        manifest.stage(spec.name).outputs = json.loads((stage_dir / "outputs.json").read_text())
         print(f"in one process: {spec.name} {time.perf_counter() - t0:.1f}s", file=sys.stderr, flush=True)
 
 
@@ -90,4 +85,6 @@ def main():
 
 
 if __name__ == "__main__":
+    from cvops.config import set_process_defaults
+    set_process_defaults()  # an entry point: OMP_WAIT_POLICY=PASSIVE (unless set) before torch is imported, as `cvops` does
     main()

@@ -25,7 +25,7 @@ __all__ = ['docs_command']
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="port for --serve (0: any free one)")
 def docs_command(out, work, execute, stage_run, workers, serve, port):
     "Build the docs site from nbs/ (home, tutorials, library notebooks, stages, API reference); broken links fail it."
-    from cvops.docs import build_docs, serve_site
+    from cvops.docs_site import build_docs, serve_site
     b = build_docs(out=out, work=work, execute=execute, workers=workers, stage_run=stage_run)
     click.echo(f"built {len(b.pages)} notebook pages and {len(b.api_pages)} API pages in {b.seconds:.0f} s: "
                f"{b.site / 'index.html'}")

@@ -195,3 +195,19 @@ def test_stage_notebook_parameters_match_the_declared_schema(stage):
     for name, field in schema.model_fields.items():
         default = field.get_default(call_default_factory=True)
         assert eval(declared[name]["default"]) == default, (stage, name, declared[name]["default"], default)
+
+
+STAGE_NAMES = ["ingest", "curate", "train", "evaluate", "gate", "export", "deploy"]
+
+
+@pytest.mark.parametrize("stage", STAGE_NAMES)
+def test_stage_notebook_is_thin(stage):
+    "A stage notebook is a parameters cell and a few calls into the library: at most 20 lines of code besides."
+    from cvops.config import load_config
+    from cvops.pipeline import stage_notebook
+    nb = nbformat.read(stage_notebook(load_config(ROOT), stage), as_version=4)
+    code = [l for c in nb.cells if c.cell_type == "code" and "parameters" not in c.metadata.get("tags", [])
+            for l in c.source.splitlines() if l.strip() and not l.strip().startswith("#")]
+    assert len(code) <= 20, (stage, len(code))
+    assert not any(l.startswith(("def ", "class ")) for l in code), f"{stage}: logic belongs in a library notebook"
+    assert any("save_outputs(" in l for l in code), f"{stage} records its outputs"
