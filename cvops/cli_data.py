@@ -62,11 +62,11 @@ def data_command(name:str,                    # command name under `cvops data`
     return deco
 
 # %% ../nbs/91_cli_data.ipynb #446524f2
-@data_command("ingest", IngestParams, arguments=("src",))
+@data_command("ingest", IngestParams, arguments=("source",))
 def ingest_command(p:IngestParams):
     "Ingest SRC (image-folder tree, COCO .json, folder + labels .csv, or captured serving inputs) into a dataset."
     from cvops.data import ingest
-    rep = ingest(p.src, p.dataset, fmt=p.format, images=p.images, labels=p.labels, progress=sys.stderr.isatty())
+    rep = ingest(p.source, p.dataset, fmt=p.format, images=p.images, labels=p.labels, progress=sys.stderr.isatty())
     click.echo(rep.summary())
     if p.strict and (rep.quarantined or rep.conflicts): sys.exit(1)
 

@@ -318,7 +318,7 @@ def _update_labels(ds, fo, fill:dict[str, str], conflicted:set[str]) -> int: # n
 # %% ../nbs/10_data.ipynb #d31e597a
 class IngestParams(DatasetParams):
     "`cvops data ingest`: ingest a source into a dataset (created if new)."
-    src: str = Field(..., description="image-folder tree, COCO .json, folder + labels .csv, or captures folder/URL")
+    source: str = Field(..., description="image-folder tree, COCO .json, folder + labels .csv, or captures folder/URL")
     format: Literal["auto", "folder", "coco", "csv", "captures"] = Field("auto", description="source format")
     images: str|None = Field(None, description="COCO/CSV: folder holding the images (default: beside the label file)")
     labels: str|None = Field(None, description="CSV: the labels file (default: the one .csv in SRC)")

@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .backends import ModelBundle, ort_session
+from .bundle import ModelBundle, ort_session
 from .config import Params, ProjectConfig, load_config
 from .errors import NotFoundError
 from .preprocess import load_image, to_input
@@ -129,7 +129,7 @@ def measure_qa(bundle_dir:str|Path,        # a bundle folder (e.g. materialised 
                store:ArtifactStore|None=None, cfg:ProjectConfig|None=None,
               ) -> QAResult:
     "Run a bundle on the first `n_images` test images of a dataset version (val if it has no test split)."
-    from cvops.data import load_version
+    from cvops.versions import load_version
     version = dataset_version if hasattr(dataset_version, "samples") else \
         load_version(dataset_version or "latest", store=store, cfg=cfg)
     samples = version.split("test")[:n_images] or version.split("val")[:n_images]

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 import cvops
 from .config import (Params, ProjectConfig, load_config, parse_assignments, set_process_defaults, utc_now,
                           validate_params)
+from .data import IngestParams
 from .errors import CvopsError, ParameterError, NotFoundError, StageError
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,9 @@ class StageSpec(BaseModel):
         except (ImportError, AttributeError) as e:
             raise CvopsError(f"stage {self.name}: its parameters {self.params!r} cannot be imported: {e}") from None
 
-class IngestStage(Params):
-    "Parameters of the ingest stage: the ingest operation's, plus the synthetic data made when there is no source."
+class IngestStage(IngestParams):
+    "Parameters of the ingest stage: the ingest operation's (`cvops data ingest`), plus the synthetic data made when there is no source."
     source: str|None = Field(None, description="image folder, COCO json, CSV, or captures folder; None: synthesise the demo data")
-    format: str = Field("auto", description="source format (auto, folder, coco, csv, captures)")
-    dataset: str|None = Field(None, description="FiftyOne dataset (default: the project's)")
     synth_n: int = Field(1200, ge=4, description="images to synthesise when there is no source")
     seed: int = Field(0, ge=0, description="seed of the synthetic data")
 
