@@ -16,7 +16,9 @@ import time
 import warnings
 from pathlib import Path
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cvops.train sets it (spinning OpenMP threads on a shared CPU)
+from cvops.config import set_process_defaults
+
+set_process_defaults()  # an entry point: passive OpenMP waiting (spinning threads on a shared CPU), before torch is imported
 ROOT = Path(__file__).resolve().parents[1]
 TARGET = 0.95  # Lightning images/s ÷ plain loop images/s (SPEC §7)
 

@@ -12,7 +12,7 @@ from typing import Callable
 import click
 
 import cvops
-from .config import Params, parse_assignments, validate_params
+from .config import Params, parse_assignments, set_process_defaults, validate_params
 from .errors import CvopsError
 
 # %% auto #0
@@ -26,26 +26,41 @@ def _lazy_schema(schema:type[Params]|str) -> type[Params]:
         return getattr(import_module(mod), name)
     return schema
 
+_OFF = "__off"  # suffix of the parameter behind a bool field's `--no-…` flag
+
+def _field_options(field:str, info:dict) -> list:
+    "The click option(s) of one field: `--name VALUE`; for a bool, also usable as a flag, plus a hidden `--no-name`."
+    flag, typ = f"--{field.replace('_', '-')}", info["type"].replace("'", "").replace(" ", "")
+    choices = f" (one of {typ})" if "'" in info["type"] else ""
+    extra = " [required]" if info["required"] else f" [default: {info['default']}]"
+    if info["type"] in ("bool", "bool | None"):
+        return [click.option(flag, field, type=str, default=None, is_flag=False, flag_value="true", metavar="[BOOL]",
+                             help=f"{info['help']} (--no-{flag[2:]} to turn off){extra}"),
+                click.option(f"--no-{flag[2:]}", field + _OFF, is_flag=True, default=False, hidden=True)]
+    return [click.option(flag, field, type=str, default=None, metavar="CHOICE" if choices else typ.upper(),
+                         help=f"{info['help']}{choices}{extra}")]
+
 def params_command(group:click.Group,   # where to add the command
                    name:str,            # command name
                    schema:type[Params], # parameter model: its fields become the options
                    help:str|None=None,  # command help (default: the model's docstring)
+                   arguments:tuple[str, ...]=(), # fields taken as optional positional arguments, in order
                   ) -> Callable:
     "Decorator: add a command whose options are the fields of `schema`; the function gets a validated instance."
     def deco(fn):
         @click.pass_context
         def run(ctx, params_kv=(), **opts):
             raw = parse_assignments(params_kv)
-            raw.update({k: v for k, v in opts.items() if v is not None})
+            raw.update({k: v for k, v in opts.items() if v is not None and not k.endswith(_OFF)})
+            raw.update({k.removesuffix(_OFF): "false" for k, v in opts.items() if k.endswith(_OFF) and v})
             return fn(validate_params(schema, raw, source="--"))
         run.__doc__ = help or fn.__doc__ or schema.__doc__
-        for field, info in reversed(list(schema.describe().items())):
-            typ = info["type"].replace("'", "").replace(" ", "")
-            choices = f" (one of {typ})" if "'" in info["type"] else ""
-            extra = " [required]" if info["required"] else f" [default: {info['default']}]"
-            run = click.option(f"--{field.replace('_', '-')}", field, type=str, default=None,
-                               metavar="CHOICE" if choices else typ.upper(),
-                               help=f"{info['help']}{choices}{extra}")(run)
+        fields = schema.describe()
+        for field, info in reversed(list(fields.items())):
+            if field in arguments: continue
+            for option in reversed(_field_options(field, info)): run = option(run)
+        for field in reversed(arguments):
+            run = click.argument(field, required=False, default=None, metavar=f"[{field.upper()}]")(run)
         run = click.option("-p", "params_kv", multiple=True, metavar="KEY=VALUE", help="set any parameter (repeatable)")(run)
         return group.command(name, help=run.__doc__)(run)
     return deco
@@ -84,6 +99,7 @@ def load_commands():
 def main(argv:list[str]|None=None, # arguments (default: sys.argv[1:])
         ) -> int:                  # exit code
     "Run the `cvops` CLI."
+    set_process_defaults()  # an entry point: before any command imports torch
     load_commands()
     try:
         cli.main(args=argv, prog_name="cvops", standalone_mode=False)

@@ -5,49 +5,35 @@
 # %% ../nbs/92_cli_train.ipynb #9e031f2f
 from __future__ import annotations
 
-import logging
 import sys
 
 import click
 
 from .cli import cli, params_command
-from .config import validate_params
+from .evaluate import EvaluateParams
 from .train import TrainParams
-from .evaluate import EvalParams
 
 # %% auto #0
 __all__ = ['train_cmd', 'evaluate_cmd', 'runs_cmd']
 
 # %% ../nbs/92_cli_train.ipynb #91e7a68a
-def _quiet_lightning():
-    "Lightning's start-up banners (GPU/TPU available …) are noise on a terminal; warnings still show."
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning"): logging.getLogger(name).setLevel(logging.WARNING)
-
 @params_command(cli, "train", TrainParams)
 def train_cmd(p:TrainParams):
     "Train a model on a dataset version; the run (checkpoint, metrics, reproducibility record) goes to the store."
     from cvops.train import train
-    _quiet_lightning()
     run = train(p, progress=sys.stderr.isatty())
     m = run.metrics
     click.echo(f"run {run.id}: {run.backbone} on {run.dataset}@{run.dataset_version}, {m.get('epochs')} epochs, "
                f"val_accuracy {m.get('val_accuracy', float('nan')):.4f}, val_loss {m.get('val_loss', float('nan')):.4f}, "
                f"{run.seconds:.0f} s")
     click.echo(f"checkpoint {run.checkpoint}" + (f"; W&B run {run.wandb_dir}" if run.wandb_dir else ""))
+    click.echo(f"log {run.log_file}")
 
-@cli.command("evaluate")
-@click.argument("run", default="latest")
-@click.option("--version", "version", default=None, metavar="ID", help="dataset version id [default: latest]")
-@click.option("--split", default=None, metavar="SPLIT", help="train, val or test [default: test]")
-@click.option("--batch-size", default=None, metavar="INT", help="images per forward pass [default: 128]")
-@click.option("--fiftyone/--no-fiftyone", default=True, help="write predictions + an evaluation run into FiftyOne [default: on]")
-@click.option("--wandb", default=None, metavar="MODE", help="W&B mode: offline, online, disabled [default: WANDB_MODE or offline]")
-def evaluate_cmd(run, version, split, batch_size, fiftyone, wandb):
-    "Evaluate training run RUN (default: latest) on a dataset version and split."
-    raw = dict(run=run, version=version, split=split, batch_size=batch_size, fiftyone=fiftyone, wandb=wandb)
-    p = validate_params(EvalParams, {k: v for k, v in raw.items() if v is not None}, source="--")
+@params_command(cli, "evaluate", EvaluateParams, arguments=("run_id",))
+def evaluate_cmd(p:EvaluateParams):
+    "Evaluate training run RUN_ID (default: the latest) on a dataset version and split."
     from cvops.evaluate import evaluate
-    ev = evaluate(p.run, p.version, split=p.split, batch_size=p.batch_size, fiftyone=p.fiftyone, wandb=p.wandb)
+    ev = evaluate(**p.model_dump())
     m = ev.metrics
     click.echo(f"run {ev.run_id} on {ev.dataset}@{ev.dataset_version}/{ev.split} ({ev.n} images): "
                f"accuracy {m['accuracy']:.4f}, macro_f1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}")

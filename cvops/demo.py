@@ -14,6 +14,7 @@ from pydantic import Field
 
 from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError
+from .store import project_store
 from .triton import free_port
 
 # %% auto #0
@@ -55,6 +56,33 @@ def _stop(proc:subprocess.Popen|None, grace:float=10):
     except subprocess.TimeoutExpired: proc.kill(); proc.wait()
 
 # %% ../nbs/97_demo.ipynb #1a6027c5
+def _predict_examples(client, version, store, n:int, echo) -> list[dict]:
+    "Send `n` test (else validation) images of the version to the gateway; echo and return each answer."
+    samples = (version.split("test") or version.split("val"))[:n]
+    echo(f"[3/3] {len(samples)} example predictions (test images of dataset version {version.id}):")
+    answers = []
+    for s in samples:
+        r = client.post("/v1/predict", content=version.image_bytes(s, store), headers={"content-type": f"image/{'jpeg' if s.ext in ('jpg', 'jpeg') else s.ext}"})
+        r.raise_for_status()
+        body = r.json()
+        top = body["predictions"][0]
+        answers.append(dict(sha256=s.sha256, truth=s.label, **top, model=body["model"], latency_ms=body["latency_ms"]))
+        ok = "✓" if top["label"] == s.label else "✗"
+        echo(f"      {ok} {s.sha256[:10]}…  truth={s.label:<9} predicted={top['label']:<9} score={top['score']:.3f}  "
+             f"model={body['model']['name']} v{body['model']['version']}  {body['latency_ms']:.1f} ms")
+    return answers
+
+def _start_app(p:DemoParams, version, cfg:ProjectConfig, home:Path, urls:dict, echo):
+    "The FiftyOne App on the version, its URL added to `urls`; the process (or None when it did not start)."
+    app_port = free_port(preferred=p.app_port)
+    app = _spawn(["data", "app", "--address", "127.0.0.1", "--port", str(app_port), "--version", version.id],
+                 home / "app.log", cfg.root)
+    try:
+        _wait_http(f"http://127.0.0.1:{app_port}/", app, 120, home / "app.log")
+        urls["fiftyone_app"] = f"http://127.0.0.1:{app_port}/"
+    except CvopsError as e: echo(f"      (FiftyOne App did not start: {str(e).splitlines()[0]})")
+    return app
+
 def run_demo(p:DemoParams,                # see `DemoParams`
              echo=print,                  # where progress lines go
              cfg:ProjectConfig|None=None,
@@ -63,7 +91,6 @@ def run_demo(p:DemoParams,                # see `DemoParams`
     import httpx
     from cvops.data import load_version
     from cvops.pipeline import run_pipeline
-    from cvops.store import ArtifactStore
     cfg = cfg or load_config()
     assignments = [f"synth_n={p.synth_n}"] + ([f"epochs={p.epochs}"] if p.epochs else [])
     echo(f"[1/3] pipeline: {' → '.join(cfg.stages)}")
@@ -78,31 +105,13 @@ def run_demo(p:DemoParams,                # see `DemoParams`
     app = None
     try:
         _wait_http(f"http://127.0.0.1:{port}/readyz", gateway, 120, home / "gateway.log")
-        store = ArtifactStore(cfg.store_location)
+        store = project_store(None, cfg)
         version = load_version(m.lineage["dataset_version"], store=store)
-        samples = (version.split("test") or version.split("val"))[:p.requests]
-        echo(f"[3/3] {len(samples)} example predictions (test images of dataset version {version.id}):")
-        answers = []
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            for s in samples:
-                r = client.post("/v1/predict", content=version.image_bytes(s, store), headers={"content-type": f"image/{'jpeg' if s.ext in ('jpg', 'jpeg') else s.ext}"})
-                r.raise_for_status()
-                body = r.json()
-                top = body["predictions"][0]
-                answers.append(dict(sha256=s.sha256, truth=s.label, **top, model=body["model"], latency_ms=body["latency_ms"]))
-                ok = "✓" if top["label"] == s.label else "✗"
-                echo(f"      {ok} {s.sha256[:10]}…  truth={s.label:<9} predicted={top['label']:<9} score={top['score']:.3f}  "
-                     f"model={body['model']['name']} v{body['model']['version']}  {body['latency_ms']:.1f} ms")
+            answers = _predict_examples(client, version, store, p.requests, echo)
         urls = dict(api_docs=f"http://127.0.0.1:{port}/docs", metrics=f"http://127.0.0.1:{port}/metrics",
                     predict=f"http://127.0.0.1:{port}/v1/predict")
-        if p.app:
-            app_port = free_port(preferred=p.app_port)
-            app = _spawn(["data", "app", "--address", "127.0.0.1", "--port", str(app_port), "--version", version.id],
-                         home / "app.log", cfg.root)
-            try:
-                _wait_http(f"http://127.0.0.1:{app_port}/", app, 120, home / "app.log")
-                urls["fiftyone_app"] = f"http://127.0.0.1:{app_port}/"
-            except CvopsError as e: echo(f"      (FiftyOne App did not start: {str(e).splitlines()[0]})")
+        if p.app: app = _start_app(p, version, cfg, home, urls, echo)
         for k, v in urls.items(): echo(f"      {k:<13} {v}")
         echo(f"      try: curl -s -F file=@image.png {urls['predict']}")
         keep = p.keep_serving if p.keep_serving is not None else sys.stdin.isatty() and sys.stdout.isatty()

@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 from .errors import CvopsError, NotFoundError
 from .preprocess import PreprocessSpec, load_image, to_input
+from .train import TORCHVISION_BACKBONES
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,7 @@ __all__ = ['log', 'BACKBONES', 'TASKS', 'register_backbone', 'build_backbone', '
 def _torchvision(name:str) -> Callable[[int], nn.Module]:
     return lambda num_classes: torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
-BACKBONES: dict[str, Callable[[int], nn.Module]] = {n: _torchvision(n) for n in (
-    "resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
-    "efficientnet_b1", "regnet_y_400mf", "shufflenet_v2_x1_0", "convnext_tiny")}
+BACKBONES: dict[str, Callable[[int], nn.Module]] = {n: _torchvision(n) for n in TORCHVISION_BACKBONES}
 
 def register_backbone(name:str,                            # the name used in `TrainParams.backbone`
                       fn:Callable[[int], nn.Module],        # num_classes → a randomly initialised model

@@ -14,13 +14,15 @@ import platform
 import secrets
 import struct
 import subprocess
+import sys
 import time
 import warnings
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from .config import Params, ProjectConfig, load_config, validate_params, utc_now
 from .errors import CvopsError, NotFoundError, ParameterError
@@ -30,16 +32,46 @@ from .store import ArtifactStore, project_store
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TrainParams', 'trainer_options', 'git_state', 'package_versions', 'hardware', 'TrainRun', 'list_runs',
-           'load_run', 'build_model', 'load_model', 'read_wandb_run', 'train']
+__all__ = ['log', 'TORCHVISION_BACKBONES', 'Accelerator', 'Precision', 'STRATEGIES', 'backbone_names', 'TrainParams',
+           'trainer_options', 'git_state', 'package_versions', 'hardware', 'TrainRun', 'list_runs', 'load_run',
+           'build_model', 'load_model', 'read_wandb_run', 'wandb_mode', 'quiet_wandb', 'training_log', 'train']
 
 # %% ../nbs/20_train.ipynb #e1550201
-_PRECISIONS = ("auto", "32-true", "32", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true")
+TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                         "efficientnet_b1", "regnet_y_400mf", "shufflenet_v2_x1_0", "convnext_tiny")  # cvops.tasks builds these
+Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"]
+Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64",
+                    "transformer-engine", "transformer-engine-float16"]
+STRATEGIES = ("auto", "ddp", "ddp_spawn", "ddp_fork", "ddp_notebook", "ddp_find_unused_parameters_false",
+              "ddp_find_unused_parameters_true", "ddp_spawn_find_unused_parameters_false",
+              "ddp_spawn_find_unused_parameters_true", "ddp_fork_find_unused_parameters_false",
+              "ddp_fork_find_unused_parameters_true", "ddp_notebook_find_unused_parameters_false",
+              "ddp_notebook_find_unused_parameters_true", "deepspeed", "deepspeed_stage_1", "deepspeed_stage_2",
+              "deepspeed_stage_2_offload", "deepspeed_stage_3", "deepspeed_stage_3_offload", "deepspeed_stage_3_offload_nvme",
+              "fsdp", "fsdp_cpu_offload", "single_device", "single_xla", "xla_debug", "xla", "single_tpu")
+
+def backbone_names() -> list[str]:
+    "The backbones a run may name: `cvops.tasks.BACKBONES` once imported (it may hold registered ones), else the built-ins."
+    tasks = sys.modules.get("cvops.tasks")
+    return sorted(tasks.BACKBONES if tasks is not None else TORCHVISION_BACKBONES)
+
+def _one_of(value:str, names) -> str:
+    if value not in names: raise ValueError(f"must be one of {', '.join(names)}")
+    return value
+
+def _devices_text(value) -> str:
+    "Lightning's devices as text: 'auto', a count ≥ 1, -1 (all), or device indices ≥ 0 ('0,1'; '0,' is device 0)."
+    if isinstance(value, (list, tuple)): value = ",".join(map(str, value)) + ("," if len(value) == 1 else "")
+    t = str(value).replace(" ", "")
+    if t in ("auto", "-1") or (t.isdigit() and int(t) >= 1): return t
+    idx = [v for v in t.split(",") if v]
+    if "," in t and idx and all(v.isdigit() for v in idx) and len(set(idx)) == len(idx): return ",".join(idx) + ("," if len(idx) == 1 else "")
+    raise ValueError("must be 'auto', a count ≥ 1, -1 (all devices) or distinct device indices like 0,1")
 
 class TrainParams(Params):
     "Parameters of a training run (`cvops train`, the train stage)."
     dataset: str|None = Field(None, description="dataset name (default: the project's)")
-    version: str = Field("latest", description="dataset version id to train on, or 'latest'")
+    dataset_version: str = Field("latest", description="dataset version id to train on, or 'latest'")
     task: Literal["classification"] = Field("classification", description="what the model learns")
     backbone: str = Field("resnet18", description="torchvision architecture by name (see cvops.tasks.BACKBONES)")
     weights: str|None = Field(None, description="local weights file to start from (loaded with weights_only=True)")
@@ -52,42 +84,47 @@ class TrainParams(Params):
     scheduler: Literal["onecycle", "cosine", "none"] = Field("onecycle", description="learning-rate schedule, stepped per batch")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     augment: bool = Field(True, description="random flip + small affine on training batches")
-    seed: int = Field(0, description="random seed: same inputs and seed give the same metrics on CPU")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="random seed: same inputs and seed give the same metrics on CPU")
     limit: int|None = Field(None, ge=1, description="use at most this many images per split (quick checks)")
-    accelerator: str = Field("auto", description="Lightning accelerator: auto, cpu, gpu, cuda, mps")
-    devices: str = Field("auto", description="Lightning devices: auto, a count (2) or indices (0,1)")
-    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_spawn, fsdp, …")
+    accelerator: Accelerator = Field("auto", description="Lightning accelerator")
+    devices: str = Field("auto", description="Lightning devices: auto, a count (2), -1 (all) or indices (0,1)")
+    strategy: str = Field("auto", description="Lightning strategy: auto, ddp, ddp_spawn, fsdp, deepspeed, … (any Lightning registers)")
     num_nodes: int = Field(1, ge=1, description="machines for multi-node training")
-    precision: str = Field("auto", description="auto (bf16/16-mixed on GPU, 32-true on CPU) or a Lightning precision")
+    precision: Precision = Field("auto", description="auto (bf16/16-mixed on GPU, 32-true on CPU) or a Lightning precision")
     channels_last: bool|None = Field(None, description="channels-last memory format (default: on GPU)")
     num_workers: int = Field(0, ge=0, description="DataLoader workers (0 is fastest for in-memory data)")
     deterministic: bool = Field(True, description="deterministic algorithms (reproducible metrics)")
     wandb: Literal["offline", "online", "disabled"]|None = Field(None, description="W&B mode (default: WANDB_MODE or offline)")
-    wandb_project: str = Field("cvops", description="W&B project name")
+    wandb_project: str = Field("cvops", min_length=1, description="W&B project name")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v): return _one_of(v, backbone_names())
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v): return _one_of(v, STRATEGIES)
+
+    @field_validator("devices", mode="before")
+    @classmethod
+    def _valid_devices(cls, v): return _devices_text(v)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_text(cls, v): return str(v) if isinstance(v, int) and not isinstance(v, bool) else v  # Lightning's 16 → '16'
 
 # %% ../nbs/20_train.ipynb #8183c5d4
 def _devices(text:str):
-    "Lightning's devices from text: 'auto', '2' → 2, '0,1' → [0, 1], '-1' → -1 (all)."
-    t = text.strip()
-    if t.lstrip("-").isdigit(): return int(t)
-    if "," in t:
-        try: return [int(v) for v in t.split(",") if v.strip()]
-        except ValueError: pass
-    if t == "auto": return t
-    raise ParameterError(f"devices must be 'auto', a count or comma-separated indices, got {text!r}")
+    "Lightning's devices from validated text: 'auto', '2' → 2, '0,1' → [0, 1], '0,' → [0], '-1' → -1 (all)."
+    if text == "auto": return text
+    if "," in text: return [int(v) for v in text.split(",") if v]
+    return int(text)
 
 def trainer_options(p:TrainParams,       # the run's parameters
                     cuda:bool|None=None, # is a CUDA GPU usable (default: ask torch)
                    ) -> dict:            # keyword arguments for `lightning.Trainer`
     "Lightning `Trainer` arguments for `p`: accelerator, devices, strategy, precision, determinism."
-    from lightning.pytorch.accelerators import AcceleratorRegistry
-    from lightning.pytorch.strategies import StrategyRegistry
     import torch
-    accels = ["auto", "gpu", *AcceleratorRegistry.available_accelerators()]
-    if p.accelerator not in accels: raise NotFoundError("accelerator", p.accelerator, accels)
-    strategies = ["auto", *StrategyRegistry.available_strategies()]
-    if p.strategy not in strategies: raise NotFoundError("strategy", p.strategy, strategies)
-    if p.precision not in _PRECISIONS: raise NotFoundError("precision", p.precision, _PRECISIONS)
     cuda = torch.cuda.is_available() if cuda is None else cuda
     on_gpu = cuda and p.accelerator in ("auto", "gpu", "cuda")
     precision = p.precision
@@ -155,23 +192,22 @@ class TrainRun(BaseModel):
     packages: dict[str, Any]
     hardware: dict[str, Any]
     wandb_dir: str|None = None
+    log_file: str|None = None
     seconds: float|None = None
 
     @property
     def spec(self) -> PreprocessSpec: return PreprocessSpec(**self.preprocess)
 
-_store = project_store  # `store`, or the project's
-
 def list_runs(store:ArtifactStore|None=None, cfg:ProjectConfig|None=None) -> list[TrainRun]:
     "Every training run in the store, oldest first."
-    store = _store(store, cfg)
+    store = project_store(store, cfg)
     runs = [TrainRun(**store.read_json(k)) for k in store.list_docs("runs") if k.endswith(".json")]
     return sorted(runs, key=lambda r: (r.created, r.id))
 
 def load_run(run_id:str,                     # a run id, or 'latest'
              store:ArtifactStore|None=None, cfg:ProjectConfig|None=None) -> TrainRun:
     "Read a run document; `NotFoundError` lists the runs that exist."
-    store = _store(store, cfg)
+    store = project_store(store, cfg)
     if run_id == "latest":
         runs = list_runs(store)
         if not runs: raise NotFoundError("run", run_id, [])
@@ -194,7 +230,7 @@ def load_model(run_id:str,                    # a run id, or 'latest'
               ) -> tuple:                     # (nn.Module in eval mode on CPU, classes, PreprocessSpec)
     "The trained network of a run, with its class order and preprocessing."
     import torch
-    store = _store(store, cfg)
+    store = project_store(store, cfg)
     run = load_run(run_id, store)
     ckpt = torch.load(io.BytesIO(store.get_bytes(run.checkpoint)), map_location="cpu", weights_only=True)
     model = build_model(ckpt["backbone"], len(ckpt["classes"]))
@@ -239,6 +275,49 @@ def read_wandb_run(run_dir:str|Path, # an `offline-run-…` (or `run-…`) folde
     out["config"].pop("_wandb", None)
     return out
 
+# %% ../nbs/20_train.ipynb #1016e0ae
+_WANDB_ALIASES = {"dryrun": "offline", "run": "online", "off": "disabled"}
+
+def wandb_mode(mode:str|None=None, # 'offline' | 'online' | 'disabled' (default: `WANDB_MODE`, else 'offline')
+              ) -> str:            # 'offline', 'online' or 'disabled'
+    "The W&B mode of a run or an evaluation: the one asked for, else `WANDB_MODE`, else offline."
+    chosen = (mode or os.environ.get("WANDB_MODE") or "offline").strip().lower()
+    chosen = _WANDB_ALIASES.get(chosen, chosen)
+    if chosen not in ("offline", "online", "disabled"):
+        raise ParameterError(f"W&B mode must be offline, online or disabled, got {chosen!r}" + ("" if mode else " (from WANDB_MODE)"))
+    return chosen
+
+def quiet_wandb():
+    "W&B's terminal messages go to its debug log, unless the user chose otherwise with `WANDB_SILENT`."
+    import wandb  # set up now: W&B checks some settings (and warns) before `wandb.init` would read WANDB_SILENT
+    wandb.setup(settings=None if "WANDB_SILENT" in os.environ else wandb.Settings(silent=True))
+
+def _log_warning(message, category, filename, lineno, file=None, line=None):
+    logging.getLogger("py.warnings").warning("%s:%s: %s: %s", filename, lineno, category.__name__, message)
+
+@contextmanager
+def training_log(path:Path, # the log file (appended to)
+                ):
+    "Lightning's banners and tips, and library warnings, go to `path` instead of the terminal while the block runs."
+    import lightning.pytorch  # its import installs the console handler that is set aside here
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(n) for n in ("lightning.pytorch", "lightning.fabric", "py.warnings")]
+    saved = [(lg, lg.handlers[:], lg.propagate, lg.level) for lg in (*loggers, log)]
+    for lg in loggers: lg.handlers, lg.propagate = [handler], False
+    for lg in (*loggers, log): lg.setLevel(logging.INFO)
+    log.addHandler(handler)  # cvops' own lines too (still passed on to the root logger), so the file tells the whole story
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*does not have many workers.*")  # in-memory tensors: 0 workers is the fast choice
+            warnings.showwarning = _log_warning
+            yield path
+    finally:
+        log.removeHandler(handler)
+        for lg, handlers, propagate, level in saved: lg.handlers, lg.propagate = handlers, propagate; lg.setLevel(level)
+        handler.close()
+
 # %% ../nbs/20_train.ipynb #665ce80a
 def _new_run_id(backbone:str) -> str:
     return f"{_dt.datetime.now(_dt.timezone.utc):%Y%m%d-%H%M%S}-{backbone.replace('_', '-')}-{secrets.token_hex(3)}"
@@ -263,15 +342,38 @@ def _history_callback():
             if trainer.logger: trainer.logger.log_metrics({k: row[k] for k in ("lr", "seconds", "train_images_per_s")}, step=trainer.global_step)
     return _History()
 
+def _train_params(params, kwargs:dict) -> TrainParams:
+    if isinstance(params, TrainParams) and not kwargs: return params
+    base = params.model_dump() if isinstance(params, TrainParams) else (params or {})
+    return validate_params(TrainParams, {**base, **kwargs})
+
 def _resolve_version(p:TrainParams, version, store, cfg):
     if version is not None: return version
     from cvops.data import load_version
-    return load_version(p.version, dataset=p.dataset or cfg.dataset, store=store, cfg=cfg)
+    return load_version(p.dataset_version, dataset=p.dataset or cfg.dataset, store=store, cfg=cfg)
 
-def _wandb_mode(p:TrainParams) -> str:
-    mode = p.wandb or os.environ.get("WANDB_MODE") or "offline"
-    return {"dryrun": "offline", "run": "online"}.get(mode, mode)
+def _build(p:TrainParams, version, store, spec:PreprocessSpec, channels_last:bool) -> tuple:
+    "The task's data module (images decoded once) and Lightning module for `p`."
+    from cvops.tasks import TASKS
+    module_cls, data_cls = TASKS[p.task]
+    dm = data_cls(version, store, spec, batch_size=p.batch_size, seed=p.seed, num_workers=p.num_workers, limit=p.limit)
+    dm.setup("fit")
+    module = module_cls(backbone=p.backbone, classes=tuple(version.classes), lr=p.lr, weight_decay=p.weight_decay,
+                        optimizer=p.optimizer, scheduler=p.scheduler, label_smoothing=p.label_smoothing,
+                        augment=p.augment, seed=p.seed, channels_last=channels_last, weights=p.weights)
+    return dm, module
 
+def _wandb_logger(p:TrainParams, run_id:str, record:dict, cfg:ProjectConfig):
+    "Lightning's W&B logger for the run (its W&B run starts lazily, on rank 0), or False when W&B is disabled."
+    mode = wandb_mode(p.wandb)
+    if mode == "disabled": return False
+    from lightning.pytorch.loggers import WandbLogger
+    quiet_wandb()
+    cfg.home_dir.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=p.wandb_project, name=run_id, id=run_id, save_dir=str(cfg.home_dir), mode=mode,
+                       config=record, job_type="train", log_model=False)
+
+# %% ../nbs/20_train.ipynb #db0cc62f
 def _log_wandb_extras(logger, module, dm, spec:PreprocessSpec, n:int=16):
     "A confusion matrix and a table of sample validation predictions, on the W&B run."
     import numpy as np, torch, wandb
@@ -290,70 +392,65 @@ def _log_wandb_extras(logger, module, dm, spec:PreprocessSpec, n:int=16):
         "val_confusion_matrix": wandb.plot.confusion_matrix(y_true=y.tolist(), preds=pred.tolist(), class_names=classes),
         "val_predictions": table})
 
+def _finish_wandb(logger, module, dm, spec:PreprocessSpec, checkpoint:str, metrics:dict) -> str|None:
+    "Log the extras and the summary on the W&B run; its local folder (None without W&B)."
+    if not logger: return None
+    _log_wandb_extras(logger, module, dm, spec)
+    logger.experiment.summary.update(dict(checkpoint=checkpoint, **{f"final_{k}": v for k, v in metrics.items()}))
+    return str(Path(logger.experiment.dir).parent)
+
+def _save_checkpoint(module, p:TrainParams, version, spec:PreprocessSpec, store:ArtifactStore) -> str:
+    "The trained weights with backbone, classes and preprocessing, as a store blob; its sha256."
+    import torch
+    buf = io.BytesIO()
+    state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
+    torch.save(dict(state_dict=state, backbone=p.backbone, classes=list(version.classes), preprocess=spec.model_dump()), buf)
+    return store.put_bytes(buf.getvalue()).sha256
+
+def _final_metrics(rows:list[dict]) -> dict:
+    last = rows[-1] if rows else {}
+    metrics = {k: last[k] for k in ("val_accuracy", "val_loss", "train_loss", "train_accuracy") if k in last}
+    return dict(metrics, epochs=len(rows), train_images_per_s=last.get("train_images_per_s"))
+
 def train(params:TrainParams|dict|None=None, # parameters (a `TrainParams`, or a dict of possibly-text values)
-          version=None,                       # an already loaded `DatasetVersion` (default: load `params.version`)
+          version=None,                       # an already loaded `DatasetVersion` (default: load `params.dataset_version`)
           store:ArtifactStore|None=None,      # artifact store (default: the project's)
           cfg:ProjectConfig|None=None,        # project config (default: `load_config()`)
           progress:bool=False,                # show Lightning's progress bar
           **kwargs,                           # parameters as keywords, e.g. `epochs=3`
          ) -> TrainRun:                       # the recorded run
-    "Train a model on a dataset version and record the run (checkpoint in the store, W&B run on disk)."
-    p = params if isinstance(params, TrainParams) and not kwargs else validate_params(
-        TrainParams, {**(params.model_dump() if isinstance(params, TrainParams) else (params or {})), **kwargs})
+    "Train a model on a dataset version and record the run (checkpoint in the store, W&B run and log file on disk)."
+    p = _train_params(params, kwargs)
     cfg = cfg or load_config()
-    store = _store(store, cfg)
+    store = project_store(store, cfg)
+    wandb_mode(p.wandb)  # a bad WANDB_MODE fails here, before any work
     import torch
     import lightning as L
-    from cvops.tasks import BACKBONES, TASKS
-    if p.backbone not in BACKBONES: raise NotFoundError("backbone", p.backbone, BACKBONES)
     cuda = torch.cuda.is_available()
     opts = trainer_options(p, cuda)
     version = _resolve_version(p, version, store, cfg)
     spec = PreprocessSpec(size=p.image_size or cfg.image_size)
     run_id, t_start = _new_run_id(p.backbone), time.perf_counter()
-    L.seed_everything(p.seed, workers=True, verbose=False)
-    module_cls, data_cls = TASKS[p.task]
-    dm = data_cls(version, store, spec, batch_size=p.batch_size, seed=p.seed, num_workers=p.num_workers, limit=p.limit)
-    dm.setup("fit")
-    module = module_cls(backbone=p.backbone, classes=tuple(version.classes), lr=p.lr, weight_decay=p.weight_decay,
-                        optimizer=p.optimizer, scheduler=p.scheduler, label_smoothing=p.label_smoothing,
-                        augment=p.augment, seed=p.seed, channels_last=_channels_last(p, opts, cuda), weights=p.weights)
-    record = dict(id=run_id, seed=p.seed, task=p.task, params=p.model_dump(), dataset=version.dataset,
-                  dataset_version=version.id, classes=list(version.classes), preprocess=spec.model_dump(),
-                  backbone=p.backbone, git=git_state(), packages=package_versions(), hardware=hardware(),
-                  trainer={k: v for k, v in opts.items() if k != "max_epochs"})
-    mode, logger, wandb_dir = _wandb_mode(p), False, None
-    if mode != "disabled":
-        from lightning.pytorch.loggers import WandbLogger
-        os.environ.setdefault("WANDB_SILENT", "true")
-        home = cfg.home_dir; home.mkdir(parents=True, exist_ok=True)
-        logger = WandbLogger(project=p.wandb_project, name=run_id, id=run_id, save_dir=str(home), mode=mode,
-                             config=record, job_type="train", log_model=False)
-    history = _history_callback()
-    trainer = L.Trainer(**opts, logger=logger, callbacks=[history], enable_checkpointing=False,
-                        enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
-                        log_every_n_steps=1, default_root_dir=str(cfg.home_dir / "lightning"))
-    try:
-        with warnings.catch_warnings():  # in-memory tensors: num_workers=0 is the fast choice, not a mistake
-            warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    with training_log(cfg.home_dir / "logs" / f"train-{run_id}.log") as log_file:
+        L.seed_everything(p.seed, workers=True, verbose=False)
+        dm, module = _build(p, version, store, spec, _channels_last(p, opts, cuda))
+        record = dict(id=run_id, seed=p.seed, task=p.task, params=p.model_dump(), dataset=version.dataset,
+                      dataset_version=version.id, classes=list(version.classes), preprocess=spec.model_dump(),
+                      backbone=p.backbone, git=git_state(), packages=package_versions(), hardware=hardware(),
+                      trainer={k: v for k, v in opts.items() if k != "max_epochs"})
+        logger, history = _wandb_logger(p, run_id, record, cfg), _history_callback()
+        trainer = L.Trainer(**opts, logger=logger, callbacks=[history], enable_checkpointing=False,
+                            enable_model_summary=False, enable_progress_bar=progress, num_sanity_val_steps=0,
+                            log_every_n_steps=1, default_root_dir=str(cfg.home_dir / "lightning"))
+        try:
             trainer.fit(module, datamodule=dm)
-        if not trainer.is_global_zero: return None
-        buf = io.BytesIO()
-        state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
-        torch.save(dict(state_dict=state, backbone=p.backbone, classes=list(version.classes),
-                        preprocess=spec.model_dump()), buf)
-        ckpt = store.put_bytes(buf.getvalue())
-        last = history.rows[-1] if history.rows else {}
-        metrics = {k: last[k] for k in ("val_accuracy", "val_loss", "train_loss", "train_accuracy") if k in last}
-        metrics.update(epochs=len(history.rows), train_images_per_s=last.get("train_images_per_s"))
-        if logger:
-            _log_wandb_extras(logger, module, dm, spec)
-            logger.experiment.summary.update(dict(checkpoint=ckpt.sha256, **{f"final_{k}": v for k, v in metrics.items()}))
-            wandb_dir = str(Path(logger.experiment.dir).parent)
-    finally:
-        if logger and getattr(logger, "_experiment", None) is not None: logger.experiment.finish()
-    run = TrainRun(**record, created=utc_now(), checkpoint=ckpt.sha256, metrics=metrics, history=history.rows,
-                   wandb_dir=wandb_dir, seconds=round(time.perf_counter() - t_start, 3))
-    store.write_json(f"runs/{run_id}.json", run.model_dump(mode="json"))
-    log.info("run %s: val_accuracy %.4f after %d epochs", run_id, metrics.get("val_accuracy", float("nan")), len(history.rows))
+            if not trainer.is_global_zero: return None
+            ckpt, metrics = _save_checkpoint(module, p, version, spec, store), _final_metrics(history.rows)
+            wandb_dir = _finish_wandb(logger, module, dm, spec, ckpt, metrics)
+        finally:
+            if logger and getattr(logger, "_experiment", None) is not None: logger.experiment.finish()
+        run = TrainRun(**record, created=utc_now(), checkpoint=ckpt, metrics=metrics, history=history.rows,
+                       wandb_dir=wandb_dir, log_file=str(log_file), seconds=round(time.perf_counter() - t_start, 3))
+        store.write_json(f"runs/{run_id}.json", run.model_dump(mode="json"))
+        log.info("run %s: val_accuracy %.4f after %d epochs", run_id, metrics.get("val_accuracy", float("nan")), len(history.rows))
     return run

@@ -6,7 +6,6 @@ One temporary project for the module (mongod takes seconds to start). The long t
 import os
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as cvops.train does; must precede the first torch import
 import pytest
 import torch
 
@@ -42,7 +41,7 @@ def demo_run(project):
     "The demo defaults (resnet18, 64 px, AdamW + one-cycle, 8 epochs) on the 1200 shapes."
     from cvops.train import train
     t0 = time.perf_counter()
-    run = train(dict(version=project["version"].id), cfg=project["cfg"], store=project["store"])
+    run = train(dict(dataset_version=project["version"].id), cfg=project["cfg"], store=project["store"])
     run.__dict__["_wall"] = time.perf_counter() - t0
     return run
 
@@ -112,7 +111,7 @@ def test_evaluation_goes_into_fiftyone(demo_run, project):
 def test_same_seed_same_metrics(project):
     "Two tiny runs with the same inputs and seed agree exactly (CPU); another seed differs."
     from cvops.train import train
-    args = dict(version=project["version"].id, backbone="resnet18", image_size=32, epochs=2, limit=64,
+    args = dict(dataset_version=project["version"].id, backbone="resnet18", image_size=32, epochs=2, limit=64,
                 batch_size=16, wandb="disabled")
     a, b, c = (train(dict(args, seed=s), cfg=project["cfg"], store=project["store"]) for s in (7, 7, 8))
     strip = lambda run: [{k: v for k, v in h.items() if k not in ("seconds", "train_images_per_s")} for h in run.history]
@@ -126,15 +125,15 @@ def test_bad_inputs_list_what_exists(project):
     from cvops.train import train
     cfg, store, v = project["cfg"], project["store"], project["version"]
     with pytest.raises(NotFoundError, match=rf"no version of dataset 'shapes' named 'feedfacefeedface'; available: {v.id}"):
-        train(dict(version="feedfacefeedface"), cfg=cfg, store=store)
-    with pytest.raises(NotFoundError, match=r"no backbone named 'resnet9'; available: .*efficientnet_b0.*mobilenet_v3_small.*resnet18"):
-        train(dict(version=v.id, backbone="resnet9"), cfg=cfg, store=store)
+        train(dict(dataset_version="feedfacefeedface"), cfg=cfg, store=store)
+    with pytest.raises(ParameterError, match=r"backbone: must be one of .*efficientnet_b0.*mobilenet_v3_small.*resnet18"):
+        train(dict(dataset_version=v.id, backbone="resnet9"), cfg=cfg, store=store)
     with pytest.raises(ParameterError, match=r"lr must be float, got 'fast'"):
         train(dict(lr="fast"), cfg=cfg, store=store)
-    r = run_cli("train", "--version", "feedfacefeedface")
+    r = run_cli("train", "--dataset-version", "feedfacefeedface")
     assert r.returncode == 1 and f"available: {v.id}" in r.stderr, r.stderr
-    r = run_cli("train", "--backbone", "vgg99", "--epochs", "1")
-    assert r.returncode == 1 and "no backbone named 'vgg99'; available:" in r.stderr and "resnet18" in r.stderr, r.stderr
+    r = run_cli("train", "--backbone", "vgg99", "--epochs", "1")  # refused by the parameters: exit 2, before any work
+    assert r.returncode == 2 and "backbone: must be one of" in r.stderr and "resnet18" in r.stderr, r.stderr
     r = run_cli("train", "--epochs", "two")
     assert r.returncode == 2 and "epochs must be int, got 'two' (from --epochs=two)" in r.stderr, r.stderr
     r = run_cli("evaluate", "no-such-run")
@@ -142,10 +141,13 @@ def test_bad_inputs_list_what_exists(project):
 
 
 def test_cli_train_runs_and_evaluate(project):
-    r = run_cli("train", "--version", project["version"].id, "--image-size", "32", "--epochs", "1", "--limit", "32",
-                "--backbone", "mobilenet_v3_small", "-p", "wandb=disabled", timeout=600)
+    r = run_cli("train", "--dataset-version", project["version"].id, "--image-size", "32", "--epochs", "1", "--limit", "32",
+                "--backbone", "mobilenet_v3_small", timeout=600)  # W&B offline: its messages must stay quiet too
     assert r.returncode == 0, r.stderr
+    assert r.stderr == "", r.stderr  # quiet: no Lightning banners or tips, no W&B or pytree warnings on the terminal
     run_id = r.stdout.split()[1].rstrip(":")
+    log_file = r.stdout.splitlines()[-1].removeprefix("log ")
+    assert "GPU available" in open(log_file).read()  # they went to the run's log file
     r = run_cli("runs")
     assert r.returncode == 0 and run_id in r.stdout and "mobilenet_v3_small" in r.stdout, r.stdout
     r = run_cli("evaluate", run_id, "--split", "val", "--no-fiftyone", "--wandb", "disabled")
