@@ -75,7 +75,7 @@ def _predict_examples(client, version, store, n:int, echo) -> list[dict]:
 def _start_app(p:DemoParams, version, cfg:ProjectConfig, home:Path, urls:dict, echo):
     "The FiftyOne App on the version, its URL added to `urls`; the process (or None when it did not start)."
     app_port = free_port(preferred=p.app_port)
-    app = _spawn(["data", "app", "--address", "127.0.0.1", "--port", str(app_port), "--version", version.id],
+    app = _spawn(["data", "app", "--address", "127.0.0.1", "--port", str(app_port), "--dataset-version", version.id],
                  home / "app.log", cfg.root)
     try:
         _wait_http(f"http://127.0.0.1:{app_port}/", app, 120, home / "app.log")
