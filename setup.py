@@ -21,10 +21,17 @@ data = ["fiftyone==1.22.1", "fastapi<0.164",
 # torch/torchvision ranges admit exactly the releases on this machine's disk (2.14.1 / 0.29.1).
 train = ["torch>=2.4,<=2.14.1", "torchvision>=0.19,<=0.29.1", "lightning>=2.3", "wandb>=0.17", "onnx>=1.16",
          "onnxscript>=0.1", "onnxruntime>=1.18", "matplotlib>=3.8", "scikit-learn>=1.4"]
+# Optional capabilities: labeling through Label Studio (its server runs in its own environment, created on demand;
+# FiftyOne's backend needs the SDK here), object storage, and the Argo Workflows emitter.
+label = ["label-studio-sdk==2.1.2"]
+s3 = ["s3fs>=2024.2"]
+argo = ["hera>=7.1"]
 # nbdev 2.4.14 needs this older toolchain (SPEC §8): fastcore 2.x and execnb >= 0.2 break it.
-dev = serve + data + train + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi<2", "jupyterlab>=4",
+dev = serve + data + train + label + s3 + argo + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi<2", "jupyterlab>=4",
                               "ipykernel>=6", "papermill>=2.6", "nbconvert>=7", "pytest>=8", "pytest-timeout>=2.3",
-                              "schemathesis>=3.30", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocs-jupyter>=0.25"]
+                              "schemathesis>=3.30", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocs-jupyter>=0.25",
+                              # real peers and servers for tests and benchmarks (SPEC §8)
+                              "playwright>=1.45", "moto[server]>=5.2", "litserve==0.2.19", "build>=1.2", "scipy>=1.11"]
 
 setup(
     name=meta["lib_name"],
@@ -43,7 +50,8 @@ setup(
     python_requires=f">={meta['min_python']}",
     packages=find_packages(include=["cvops", "cvops.*"]),
     install_requires=base,
-    extras_require={"serve": serve, "data": data, "train": train, "dev": sorted(set(dev))},
+    extras_require={"serve": serve, "data": data, "train": train, "label": label, "s3": s3, "argo": argo,
+                    "dev": sorted(set(dev))},
     entry_points={"console_scripts": ["cvops=cvops.cli:_entry"], "nbdev": ["cvops=cvops._modidx:d"]},
     zip_safe=False,
 )

@@ -86,7 +86,7 @@ def data_synth(p:SynthParams):
 
 # %% ../nbs/90_cli.ipynb #5a6a4367
 COMMAND_MODULES = ("cvops.cli_data", "cvops.cli_train", "cvops.cli_models", "cvops.cli_serve", "cvops.cli_run",
-                   "cvops.cli_docs", "cvops.cli_bench")
+                   "cvops.cli_docs", "cvops.cli_bench", "cvops.cli_label", "cvops.cli_project", "cvops.cli_monitor")
 
 def load_commands():
     "Import the command modules that exist, so their commands join `cli`."
