@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field
 from .bundle import ModelBundle, ort_session
 from .config import Params, ProjectConfig, load_config
 from .errors import NotFoundError
-from .preprocess import load_image, to_input
+from .preprocess import preprocess_bytes
 from .registry import Candidate, Decision, GatePolicy, Registry, decide
 from .store import ArtifactStore
 
@@ -119,7 +119,7 @@ def bundle_accuracy(bundle:ModelBundle,   # the bundle to check
     if not images: return None
     sess, pred = ort_session(bundle.onnx_path), []
     for i in range(0, len(images), batch_size):
-        x = np.stack([to_input(load_image(b), bundle.spec) for b in images[i:i + batch_size]])
+        x = np.stack([preprocess_bytes(b, bundle.spec) for b in images[i:i + batch_size]])
         pred += sess.run([bundle.output_name], {bundle.input_name: x})[0].argmax(1).tolist()
     return float(np.mean([bundle.classes[p] == label for p, label in zip(pred, labels)]))
 

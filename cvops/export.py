@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from .bundle import INPUT_NAME, OUTPUT_NAME, ort_session, write_bundle
 from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, ParameterError, ParityError
-from .preprocess import PreprocessSpec, load_image, to_input
+from .preprocess import PreprocessSpec, preprocess_bytes
 from .store import ArtifactStore, sha256_file
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,7 @@ def parity_images(version, store:ArtifactStore, spec:PreprocessSpec, n:int=64, s
     samples = version.split(split) or version.split("train")
     picked = samples[:n]
     if not picked: raise ParameterError(f"dataset version {version.id} has no images for the parity check")
-    return np.stack([to_input(load_image(version.image_bytes(s, store)), spec) for s in picked])
+    return np.stack([preprocess_bytes(version.image_bytes(s, store), spec) for s in picked])
 
 def _lineage(run, version) -> dict:
     "Where a bundle comes from: run, dataset version, backbone and code version."

@@ -14,8 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from .errors import CvopsError, ImageError, ImageTooLargeError, UnsupportedImageError
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'PreprocessSpec', 'load_image', 'to_rgb', 'sniff_format', 'to_input',
-           'preprocess_bytes', 'image_stats', 'softmax']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'DRAFT_MARGIN', 'PreprocessSpec', 'load_image', 'to_rgb',
+           'sniff_format', 'decode_resized', 'resize_to', 'normalize', 'to_input', 'preprocess_bytes', 'image_stats',
+           'softmax']
 
 # %% ../nbs/03_preprocess.ipynb #a27c4df8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -45,6 +46,7 @@ _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Im
 def load_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP, …)
                max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
                formats:tuple[str,...]|None=None, # accepted Pillow formats, e.g. ('JPEG', 'PNG', 'WEBP'); None: any
+               reduce_to:int|None=None,   # JPEG: decode at the smallest 1/2, 1/4 or 1/8 scale keeping both sides ≥ this
               ) -> Image.Image:           # an upright RGB image
     "Decode bytes into an upright RGB image, or raise `ImageError` naming the problem."
     if not data: raise ImageError("empty image: the body has no bytes")
@@ -59,6 +61,8 @@ def load_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP
         if w * h > max_pixels:
             raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
         if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
+        # a 12 MP photo for a 64 px model: the JPEG decoder's DCT scaling skips most of the work (Pillow's draft)
+        if reduce_to and fmt == "JPEG": img.draft(None, (reduce_to, reduce_to))
         img.load()
     except ImageError: raise
     except UnidentifiedImageError: raise ImageError("not an image: the bytes are not in a known image format") from None
@@ -97,18 +101,40 @@ def sniff_format(data:bytes, # the first bytes of a file (12 are enough)
     return None
 
 # %% ../nbs/03_preprocess.ipynb #00e5a237
+DRAFT_MARGIN = 2  # reduced-scale JPEG decoding keeps ≥ this × the model's size before the antialiased resize
+
+def decode_resized(data:bytes,              # encoded image bytes
+                   spec:PreprocessSpec,      # the model's preprocessing (its size and resampling filter)
+                   max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
+                   formats:tuple[str,...]|None=None, # accepted Pillow formats; None: any
+                  ) -> np.ndarray:           # uint8 array (size, size, 3), RGB
+    "Decode untrusted bytes straight to the model's size: the one decode path of training, evaluation and serving."
+    return resize_to(load_image(data, max_pixels, formats, reduce_to=DRAFT_MARGIN * spec.size), spec)
+
+def resize_to(img:Image.Image,     # an RGB image (see `load_image`)
+              spec:PreprocessSpec, # the model's size and resampling filter
+             ) -> np.ndarray:      # uint8 array (size, size, 3)
+    "Resize an RGB image to the model's square input size, as uint8 pixels."
+    if img.size != (spec.size, spec.size): img = img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
+    return np.asarray(img, dtype=np.uint8)
+
+def normalize(pixels:np.ndarray,   # uint8 (size, size, 3) or (N, size, size, 3)
+              spec:PreprocessSpec, # the mean and std
+             ) -> np.ndarray:      # float32 (3, size, size) or (N, 3, size, size)
+    "Scale uint8 pixels to [0, 1], normalise and move channels first: the model's input."
+    a = pixels.astype(np.float32) * np.float32(1 / 255)
+    a = (a - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(np.moveaxis(a, -1, -3))
+
 def to_input(img:Image.Image,    # an RGB image (see `load_image`)
              spec:PreprocessSpec, # how to resize and normalise
             ) -> np.ndarray:     # float32 array of shape (3, size, size)
     "Resize, scale to [0, 1], normalise and transpose to CHW: the model's input for one image."
-    if img.size != (spec.size, spec.size): img = img.resize((spec.size, spec.size), _RESAMPLE[spec.resample])
-    a = np.asarray(img, dtype=np.float32) * np.float32(1 / 255)
-    a = (a - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
+    return normalize(resize_to(img, spec), spec)
 
 def preprocess_bytes(data:bytes, spec:PreprocessSpec, max_pixels:int=MAX_PIXELS) -> np.ndarray:
-    "Decode untrusted bytes and turn them into one model input (3, size, size)."
-    return to_input(load_image(data, max_pixels), spec)
+    "Decode untrusted bytes (reduced-scale for large JPEGs) and turn them into one model input (3, size, size)."
+    return normalize(decode_resized(data, spec, max_pixels), spec)
 
 def image_stats(img:Image.Image) -> dict[str, float]:
     "Cheap statistics of an RGB image for monitoring: brightness, contrast (both in [0, 1]), width, height."

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from .errors import CvopsError, NotFoundError
-from .preprocess import PreprocessSpec, load_image, to_input
+from .preprocess import PreprocessSpec, decode_resized, normalize
 from .train import TORCHVISION_BACKBONES
 
 log = logging.getLogger(__name__)
@@ -102,7 +102,7 @@ def decode_split(version,            # a `cvops.data.DatasetVersion`
     if unknown: raise CvopsError(f"split {split!r} of version {version.id} has labels the model does not know: "
                                  f"{', '.join(unknown)}; model classes: {', '.join(classes)}")
     x = np.empty((len(samples), 3, spec.size, spec.size), np.float32)
-    for i, s in enumerate(samples): x[i] = to_input(load_image(version.image_bytes(s, store)), spec)
+    for i, s in enumerate(samples): x[i] = normalize(decode_resized(version.image_bytes(s, store), spec), spec)
     y = torch.tensor([index[s.label] for s in samples], dtype=torch.long)
     return torch.from_numpy(x), y, [s.sha256 for s in samples]
 
