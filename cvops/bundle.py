@@ -16,11 +16,14 @@ from .preprocess import PreprocessSpec
 from .store import sha256_file
 
 # %% auto #0
-__all__ = ['BUNDLE_FILES', 'INPUT_NAME', 'OUTPUT_NAME', 'TensorSpec', 'ModelBundle', 'ort_session', 'write_bundle', 'toy_bundle']
+__all__ = ['BUNDLE_FILES', 'INPUT_NAME', 'OUTPUT_NAME', 'EMBEDDING_NAME', 'REFERENCE_FILE', 'TensorSpec', 'ModelBundle',
+           'ort_session', 'write_bundle', 'toy_bundle']
 
 # %% ../nbs/04_bundle.ipynb #eb047a16
 BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")  # what every bundle folder holds
 INPUT_NAME, OUTPUT_NAME = "input", "logits"  # tensor names of every model cvops exports
+EMBEDDING_NAME = "embedding"                 # optional second output: the features before the classifier head
+REFERENCE_FILE = "reference.json"            # optional: what drift monitoring compares live traffic with (`cvops.drift`)
 _FLOAT32 = ("float32", "float", "fp32")      # spellings of float32 accepted in model.json
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class ModelBundle:
     spec: PreprocessSpec     # how images become input
     input: TensorSpec
     output: TensorSpec
+    embedding: TensorSpec|None = None  # the embedding output, when the model has one
     meta: dict = field(default_factory=dict, compare=False, repr=False)  # all of model.json (opset, parity, lineage …)
 
     @property
@@ -112,9 +116,20 @@ class ModelBundle:
         except ValueError as e: raise BundleError(f"{path / 'preprocess.json'} is not a valid preprocess spec: {e}") from None
         inp, out = _tensor(meta, "input", path / "model.json"), _tensor(meta, "output", path / "model.json")
         _check_shapes(path, inp, out, classes, spec)
+        emb = _tensor(meta, "embedding", path / "model.json") if meta.get("embedding") is not None else None
+        if emb is not None and len(emb.dims) != 1:
+            raise BundleError(f"{path}: embedding must be (batch, features), got shape {list(emb.shape)}")
         return cls(path=path, name=name or meta.get("name") or path.name,
                    version=int(version if version is not None else meta.get("version", 0)),
-                   classes=classes, spec=spec, input=inp, output=out, meta=meta)
+                   classes=classes, spec=spec, input=inp, output=out, embedding=emb, meta=meta)
+
+    def reference(self):
+        "The drift reference export stored beside the model (`cvops.drift.DriftReference`), or None for a bundle without one."
+        f = self.path / REFERENCE_FILE
+        if not f.is_file(): return None
+        from cvops.drift import DriftReference
+        try: return DriftReference.model_validate_json(f.read_text())
+        except ValueError as e: raise BundleError(f"{f} is not a valid drift reference: {str(e).splitlines()[0]}") from None
 
     def session(self, threads:int|None=None, # intra-op threads (see `ort_session`)
                 spinning:bool=False,         # let idle ORT threads spin
@@ -122,7 +137,9 @@ class ModelBundle:
         "An ONNX Runtime session on `model.onnx`, checked to have the tensors `model.json` declares."
         try: sess = ort_session(self.onnx_path, threads, spinning)
         except Exception as e: raise BundleError(f"ONNX Runtime cannot load {self.onnx_path}: {e}") from None
-        for what, want, have in (("inputs", self.input_name, sess.get_inputs()), ("outputs", self.output_name, sess.get_outputs())):
+        declared = [("inputs", self.input_name, sess.get_inputs()), ("outputs", self.output_name, sess.get_outputs())]
+        if self.embedding: declared.append(("outputs", self.embedding.name, sess.get_outputs()))
+        for what, want, have in declared:
             names = [t.name for t in have]
             if want not in names: raise BundleError(f"{self.onnx_path} has {what} {names}, model.json declares {want!r}")
         return sess
@@ -150,6 +167,8 @@ def write_bundle(folder:str|Path,          # the bundle folder (created if missi
                  onnx:str|Path|None=None,  # a model.onnx to copy in (default: the one already in `folder`)
                  name:str="model",         # the model's name in model.json
                  extra:dict|None=None,     # more model.json fields (opset, parity, lineage …)
+                 embedding_dim:int|None=None, # width of the model's `embedding` output, when it has one
+                 reference:dict|None=None, # drift reference (`cvops.drift.DriftReference` as a dict) written as reference.json
                 ) -> ModelBundle:
     "Write labels.txt, preprocess.json and model.json for the model.onnx in `folder`; return the bundle as read back."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
@@ -159,10 +178,12 @@ def write_bundle(folder:str|Path,          # the bundle folder (created if missi
                     input=TensorSpec(INPUT_NAME, (-1, 3, spec.size, spec.size)).to_json(),
                     output=TensorSpec(OUTPUT_NAME, (-1, len(classes))).to_json(),
                     onnx_sha256=sha256_file(folder / "model.onnx"))
+    if embedding_dim: contract["embedding"] = TensorSpec(EMBEDDING_NAME, (-1, embedding_dim)).to_json()
     clash = sorted(set(extra or {}) & set(contract))
     if clash: raise BundleError(f"extra model.json fields may not replace the bundle's own: {', '.join(clash)}")
     (folder / "labels.txt").write_text("\n".join(classes) + "\n")
     spec.save(folder / "preprocess.json")
+    if reference is not None: (folder / REFERENCE_FILE).write_text(json.dumps(reference))
     (folder / "model.json").write_text(json.dumps({**contract, **(extra or {})}, indent=2, default=str))
     return ModelBundle.load(folder)
 
@@ -171,6 +192,7 @@ def toy_bundle(folder:str|Path,   # the bundle folder to write (created if missi
                classes:tuple[str, ...]=("circle", "square", "star", "triangle"), # class names, in logit order
                size:int=16,       # input side in pixels
                scale:float=1.0,   # multiplies the weights (two scales give two models that answer differently)
+               embedding:bool=False, # also output the per-channel means as a 3-wide `embedding`
               ) -> tuple[Path, "np.ndarray"]: # the folder, and the (3, classes) weight matrix
     "A tiny bundle for examples and tests: logits = per-channel mean of the input @ a fixed matrix (no torch, no training)."
     import numpy as np
@@ -179,10 +201,12 @@ def toy_bundle(folder:str|Path,   # the bundle folder to write (created if missi
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     w = scale * np.arange(3 * len(classes), dtype=np.float32).reshape(3, len(classes)) / 10
     g = helper.make_graph(
-        [helper.make_node("ReduceMean", [INPUT_NAME, "axes"], ["m"], keepdims=0), helper.make_node("MatMul", ["m", "w"], [OUTPUT_NAME])],
+        [helper.make_node("ReduceMean", [INPUT_NAME, "axes"], ["m"], keepdims=0), helper.make_node("MatMul", ["m", "w"], [OUTPUT_NAME])]
+        + ([helper.make_node("Identity", ["m"], [EMBEDDING_NAME])] if embedding else []),
         "toy", [helper.make_tensor_value_info(INPUT_NAME, TensorProto.FLOAT, ["batch", 3, size, size])],
-        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(classes)])],
+        [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", len(classes)])]
+        + ([helper.make_tensor_value_info(EMBEDDING_NAME, TensorProto.FLOAT, ["batch", 3])] if embedding else []),
         [helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]), helper.make_tensor("w", TensorProto.FLOAT, w.shape, w.ravel())])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), folder / "model.onnx")
-    write_bundle(folder, list(classes), PreprocessSpec(size=size), name="toy", extra={"opset": 18})
+    write_bundle(folder, list(classes), PreprocessSpec(size=size), name="toy", extra={"opset": 18}, embedding_dim=3 if embedding else None)
     return folder, w
