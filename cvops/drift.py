@@ -18,8 +18,8 @@ from .config import Params
 from .errors import ParameterError
 
 # %% auto #0
-__all__ = ['STATS', 'ks_test', 'psi', 'mmd_test', 'class_test', 'DriftReference', 'DriftPolicy', 'DriftScore', 'score_window',
-           'DriftWindow', 'RetrainPolicy', 'should_retrain']
+__all__ = ['STATS', 'ks_test', 'psi', 'mmd_test', 'class_test', 'image_statistics', 'DriftReference', 'DriftPolicy', 'DriftScore',
+           'score_window', 'DriftWindow', 'RetrainPolicy', 'should_retrain']
 
 # %% ../nbs/47_drift.ipynb #eb734c5c
 def ks_test(reference:np.ndarray, # 1-D sample from the reference
@@ -89,7 +89,15 @@ def class_test(reference:dict[str, float], # class → share (or count) in the r
     return float(chi2), float(p), float(jensenshannon(obs / obs.sum(), ref / ref.sum(), base=2))
 
 # %% ../nbs/47_drift.ipynb #9169a327
-STATS = ("brightness", "contrast", "width", "height")  # per-image statistics (`preprocess.image_stats`)
+STATS = ("brightness", "contrast", "width", "height")  # per-image statistics (`image_statistics`)
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as Pillow's convert("L")
+
+def image_statistics(pixels:np.ndarray,     # uint8 (S, S, 3): the image at the model's size (`preprocess.decode_resized`)
+                     size:tuple[int, int],  # (width, height) of the image as it arrived
+                    ) -> dict[str, float]:
+    "Cheap statistics of one image for drift monitoring: brightness and contrast in [0, 1] at the model's size, and the original size."
+    g = pixels.astype(np.float32) @ _LUMA / 255
+    return dict(brightness=float(g.mean()), contrast=float(g.std()), width=float(size[0]), height=float(size[1]))
 
 class DriftReference(BaseModel):
     "What live traffic is compared with: samples of image statistics and embeddings, and predicted-class shares."

@@ -14,17 +14,18 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, Field
 
-from .bundle import INPUT_NAME, OUTPUT_NAME, ort_session, write_bundle
+from .bundle import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session, write_bundle
 from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, ParameterError, ParityError
-from .preprocess import PreprocessSpec, preprocess_bytes
+from .preprocess import PreprocessSpec, decode_resized, normalize, preprocess_bytes
 from .store import ArtifactStore, sha256_file
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Parity', 'ExportParams', 'export_onnx', 'compare', 'check_parity', 'export_bundle', 'tensorrt_status',
-           'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult', 'parity_images', 'export_run']
+__all__ = ['log', 'Parity', 'ExportParams', 'export_onnx', 'compare', 'check_parity', 'build_reference', 'export_bundle',
+           'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult', 'parity_images',
+           'reference_sample', 'export_run']
 
 # %% ../nbs/30_export.ipynb #0f36bb2e
 class Parity(BaseModel):
@@ -46,6 +47,7 @@ class ExportParams(Params):
     opset: int = Field(18, ge=13, le=23, description="ONNX opset")
     tolerance: float = Field(1e-4, gt=0, description="max abs logit difference allowed between ONNX Runtime and PyTorch")
     parity_images: int = Field(64, ge=1, le=100_000, description="validation images used for the parity check")
+    reference_images: int = Field(300, ge=0, le=100_000, description="training images sampled for the drift reference (0: none)")
     optimize: bool = Field(True, description="run the ONNX graph optimiser after export")
     tensorrt: bool = Field(False, description="also build a TensorRT engine (needs `tensorrt` and a GPU)")
     max_batch: int = Field(256, ge=1, description="largest batch for TensorRT profiles / Triton")
@@ -54,19 +56,42 @@ class ExportParams(Params):
 
 
 # %% ../nbs/30_export.ipynb #fde01ba6
+def _with_embedding(model, size:int):
+    "The classifier split at its last linear layer, returning (logits, the features that layer separates); None if it cannot be split."
+    import copy, torch
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not names: return None
+    body = copy.deepcopy(model)
+    head = body.get_submodule(names[-1])
+    parent, _, attr = names[-1].rpartition(".")
+    setattr(body.get_submodule(parent) if parent else body, attr, torch.nn.Identity())  # the body now ends at the head's input
+    class WithEmbedding(torch.nn.Module):
+        def __init__(self):
+            super().__init__(); self.body, self.head = body, head
+        def forward(self, x):
+            feats = torch.flatten(self.body(x), 1)
+            return self.head(feats), feats
+    wrapped = WithEmbedding().eval()
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():  # a model doing more after its last linear layer cannot be split this way: export it whole
+        return wrapped if torch.allclose(wrapped(x)[0], model(x), atol=1e-5) else None
+
 def export_onnx(model,                    # a torch.nn.Module taking NCHW float32 and returning logits
                 path:str|Path,            # where to write model.onnx
                 size:int,                 # input side in pixels
                 opset:int=18,             # ONNX opset
                 optimize:bool=True,       # run the ONNX optimiser (constant folding, fusion)
+                embedding:bool=True,      # also output `embedding`, the input of the last linear layer (for drift monitoring)
                ) -> Path:
-    "Export `model` to ONNX with a dynamic batch axis (input `input`, output `logits`) and check the graph."
+    "Export `model` to ONNX with a dynamic batch axis (input `input`, outputs `logits` and `embedding`) and check the graph."
     import onnx, torch
     model = model.eval().cpu()
+    wrapped = _with_embedding(model, size) if embedding else None
+    outputs = [OUTPUT_NAME, EMBEDDING_NAME] if wrapped is not None else [OUTPUT_NAME]
     example = torch.zeros(2, 3, size, size)
     path = Path(path)
     with torch.no_grad():
-        torch.onnx.export(model, (example,), str(path), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+        torch.onnx.export(wrapped or model, (example,), str(path), input_names=[INPUT_NAME], output_names=outputs,
                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=65536)},), dynamo=True,
                           opset_version=opset, external_data=False, optimize=optimize, verbose=False)
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
@@ -97,6 +122,31 @@ def check_parity(onnx_path:str|Path,  # the exported model
             refs.append(model.eval().cpu()(torch.from_numpy(x)).numpy())
     return compare(np.concatenate(outs), np.concatenate(refs), tolerance, "pytorch")
 
+# %% ../nbs/30_export.ipynb #20681d8c
+def build_reference(session,                # ONNX Runtime session of the exported model (with an `embedding` output)
+                    classes:list[str],      # class names, in output order
+                    spec:PreprocessSpec,    # the model's preprocessing
+                    images:list[bytes],     # a sample of training images, encoded
+                    val_inputs:np.ndarray,  # preprocessed validation images: their predictions give the class shares
+                    batch:int=64,
+                   ):
+    "The drift reference a bundle carries: image statistics and embeddings of training images, predicted-class shares on validation."
+    import io
+    from PIL import Image
+    from cvops.drift import DriftReference, image_statistics
+    stats, embs = {}, []
+    for i in range(0, len(images), batch):
+        chunk = images[i:i + batch]
+        pixels = [decode_resized(b, spec) for b in chunk]
+        for b, px in zip(chunk, pixels):  # the original size comes from the header, without a second decode
+            for k, v in image_statistics(px, Image.open(io.BytesIO(b)).size).items(): stats.setdefault(k, []).append(v)
+        embs.append(session.run([EMBEDDING_NAME], {INPUT_NAME: normalize(np.stack(pixels), spec)})[0])
+    preds = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: val_inputs[i:i + batch]})[0].argmax(1)
+                            for i in range(0, len(val_inputs), batch)])
+    shares = {c: float((preds == k).mean()) for k, c in enumerate(classes)}
+    return DriftReference(stats=stats, embeddings=np.concatenate(embs).round(5).tolist(), classes=shares)
+
+
 # %% ../nbs/30_export.ipynb #e57a861b
 def export_bundle(model,                  # trained torch.nn.Module
                   classes:list[str],      # class names, in output order
@@ -108,6 +158,7 @@ def export_bundle(model,                  # trained torch.nn.Module
                   optimize:bool=True,
                   name:str="model",
                   extra:dict|None=None,   # more fields for model.json (lineage …)
+                  reference_images:list[bytes]|None=None, # training images for the drift reference (None: no reference)
                  ) -> tuple[Path, Parity]:
     "Export, check and verify a model into a bundle folder; on parity failure nothing is left and `ParityError` says by how much."
     out_dir = Path(out_dir)
@@ -122,7 +173,11 @@ def export_bundle(model,                  # trained torch.nn.Module
         if not parity.passed:
             raise ParityError(f"ONNX Runtime differs from PyTorch by {parity.max_abs_diff:.3g} (max abs logit difference "
                               f"over {parity.n} images; tolerance {tolerance:g}; top-1 agreement {parity.top1_agreement:.1%})")
-        write_bundle(work, classes, spec, name=name,
+        sess = ort_session(work / "model.onnx")
+        emb = next((o for o in sess.get_outputs() if o.name == EMBEDDING_NAME), None)
+        reference = build_reference(sess, classes, spec, reference_images, parity_inputs) if emb and reference_images else None
+        write_bundle(work, classes, spec, name=name, embedding_dim=emb.shape[-1] if emb else None,
+                     reference=reference.model_dump() if reference else None,
                      extra=dict(opset=opset, export_seconds=round(seconds, 3), parity=parity.model_dump(), **(extra or {})))
         if out_dir.exists(): out_dir.rmdir()
         out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -209,6 +264,12 @@ def parity_images(version, store:ArtifactStore, spec:PreprocessSpec, n:int=64, s
     if not picked: raise ParameterError(f"dataset version {version.id} has no images for the parity check")
     return np.stack([preprocess_bytes(version.image_bytes(s, store), spec) for s in picked])
 
+def reference_sample(version, store:ArtifactStore, n:int=300, seed:int=0) -> list[bytes]:
+    "Up to `n` training images of a version (a seeded sample), encoded: what the drift reference is computed from."
+    samples = version.split("train")
+    picked = np.random.default_rng(seed).choice(len(samples), min(n, len(samples)), replace=False) if samples else []
+    return [version.image_bytes(samples[k], store) for k in sorted(picked)]
+
 def _lineage(run, version) -> dict:
     "Where a bundle comes from: run, dataset version, backbone and code version."
     code = (run.git or {}) if hasattr(run, "git") else {}
@@ -242,7 +303,8 @@ def export_run(params:ExportParams|dict|None=None, # what to export (see `Export
     name, lineage = p.name or cfg.model, _lineage(run, version)
     out = Path(p.out) if p.out else cfg.home_dir / "exports" / f"{name}-{run.id}-{int(time.time())}"
     bundle, parity = export_bundle(model, classes, spec, out, parity_images(version, store, spec, p.parity_images),
-                                   tolerance=p.tolerance, opset=p.opset, optimize=p.optimize, name=name, extra=dict(lineage=lineage))
+                                   tolerance=p.tolerance, opset=p.opset, optimize=p.optimize, name=name, extra=dict(lineage=lineage),
+                                   reference_images=reference_sample(version, store, p.reference_images))
     trt_note = _tensorrt(bundle, spec, parity_images(version, store, spec, 32), p.max_batch) if p.tensorrt else None
     mv = None
     if p.to_registry:
