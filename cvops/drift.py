@@ -74,19 +74,19 @@ def mmd_test(reference:np.ndarray, # (n, d) embeddings from the reference
     return float(mmd2[0]), float((1 + np.sum(mmd2[1:] >= mmd2[0])) / (1 + n_permutations))
 
 # %% ../nbs/47_drift.ipynb #1f995da5
-def class_test(reference:dict[str, float], # class → share (or count) in the reference
-               current:dict[str, int],     # class → count in the window
-               smoothing:float=0.5,        # added to every expected count, so a class absent from the reference can still be tested
+def class_test(reference:dict[str, int], # class → count of predictions on the reference images
+               current:dict[str, int],   # class → count of predictions in the window
               ) -> tuple[float, float, float]: # (chi-square statistic, p-value, Jensen–Shannon distance)
-    "Chi-square test of the window's predicted-class counts against the reference distribution."
-    classes = sorted(set(reference) | set(current))
-    obs = np.array([current.get(c, 0) for c in classes], np.float64)
-    if obs.sum() == 0: return 0.0, 1.0, 0.0
-    ref = np.array([reference.get(c, 0) for c in classes], np.float64) + smoothing
-    exp = ref / ref.sum() * obs.sum()
-    if len(classes) < 2: return 0.0, 1.0, 0.0
-    chi2, p = stats.chisquare(obs, exp)
-    return float(chi2), float(p), float(jensenshannon(obs / obs.sum(), ref / ref.sum(), base=2))
+    "Chi-square test of homogeneity: were the window's predicted classes drawn from the reference's distribution?"
+    # a two-sample test (the 2×k contingency table), so the reference's own sampling noise is accounted for;
+    # classes neither side predicted carry no information and are left out
+    classes = [c for c in sorted(set(reference) | set(current)) if reference.get(c, 0) + current.get(c, 0) > 0]
+    ref = np.array([reference.get(c, 0) for c in classes], np.float64)
+    cur = np.array([current.get(c, 0) for c in classes], np.float64)
+    if len(classes) < 2 or ref.sum() == 0 or cur.sum() == 0: return 0.0, 1.0, 0.0
+    r = stats.chi2_contingency(np.stack([ref, cur]), correction=False)
+    return float(r.statistic), float(r.pvalue), float(jensenshannon(cur / cur.sum(), ref / ref.sum(), base=2))
+
 
 # %% ../nbs/47_drift.ipynb #9169a327
 STATS = ("brightness", "contrast", "width", "height")  # per-image statistics (`image_statistics`)
@@ -100,11 +100,11 @@ def image_statistics(pixels:np.ndarray,     # uint8 (S, S, 3): the image at the 
     return dict(brightness=float(g.mean()), contrast=float(g.std()), width=float(size[0]), height=float(size[1]))
 
 class DriftReference(BaseModel):
-    "What live traffic is compared with: samples of image statistics and embeddings, and predicted-class shares."
+    "What live traffic is compared with: samples of image statistics and embeddings, and predicted-class counts."
     model_config = ConfigDict(extra="forbid")
     stats: dict[str, list[float]] = Field(..., description="statistic name → sample over the training images")
     embeddings: list[list[float]] = Field(default_factory=list, description="a sample of the model's embeddings")
-    classes: dict[str, float] = Field(..., description="class → share of the validation split's predictions")
+    classes: dict[str, int] = Field(..., description="class → count of the model's predictions on the validation images")
 
     @property
     def embedding_array(self) -> np.ndarray: return np.asarray(self.embeddings, np.float32).reshape(len(self.embeddings), -1)

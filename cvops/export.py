@@ -130,7 +130,7 @@ def build_reference(session,                # ONNX Runtime session of the export
                     val_inputs:np.ndarray,  # preprocessed validation images: their predictions give the class shares
                     batch:int=64,
                    ):
-    "The drift reference a bundle carries: image statistics and embeddings of training images, predicted-class shares on validation."
+    "The drift reference a bundle carries: image statistics and embeddings of training images, predicted-class counts on validation."
     import io
     from PIL import Image
     from cvops.drift import DriftReference, image_statistics
@@ -143,8 +143,8 @@ def build_reference(session,                # ONNX Runtime session of the export
         embs.append(session.run([EMBEDDING_NAME], {INPUT_NAME: normalize(np.stack(pixels), spec)})[0])
     preds = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: val_inputs[i:i + batch]})[0].argmax(1)
                             for i in range(0, len(val_inputs), batch)])
-    shares = {c: float((preds == k).mean()) for k, c in enumerate(classes)}
-    return DriftReference(stats=stats, embeddings=np.concatenate(embs).round(5).tolist(), classes=shares)
+    counts = {c: int((preds == k).sum()) for k, c in enumerate(classes)}
+    return DriftReference(stats=stats, embeddings=np.concatenate(embs).round(5).tolist(), classes=counts)
 
 
 # %% ../nbs/30_export.ipynb #e57a861b
