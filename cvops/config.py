@@ -145,6 +145,7 @@ class ProjectConfig(BaseModel):
     root: Path = Field(Path("."), description="project root; relative paths below resolve against it")
     home: Path = Field(Path(".cvops"), description="working folder: FiftyOne database, runs, caches, Triton env")
     store_url: str = Field(".cvops/store", description="artifact store: a local folder or any fsspec URL (s3://, gs://, az://)")
+    storage_options: dict[str, dict[str, Any]] = Field(default_factory=dict, description="fsspec options per protocol for the store and remote sources, e.g. {s3: {endpoint_url: http://minio:9000}}; credentials come from the standard environment (AWS_ACCESS_KEY_ID …)")
     dataset: str = Field("shapes", description="FiftyOne dataset name")
     model: str = Field("shapes-classifier", description="model name in the registry")
     image_size: int = Field(64, ge=16, le=1024, description="square input size of the model, in pixels")

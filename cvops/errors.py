@@ -8,7 +8,7 @@ from __future__ import annotations
 # %% auto #0
 __all__ = ['CvopsError', 'ParameterError', 'NotFoundError', 'IntegrityError', 'ImageError', 'UnsupportedImageError',
            'ImageTooLargeError', 'BundleError', 'ParityError', 'RegistryError', 'BackendUnavailable', 'StageError',
-           'DocsError', 'RequestError']
+           'DocsError', 'RequestError', 'StorageError']
 
 # %% ../nbs/00_errors.ipynb #d8ae4467
 class CvopsError(Exception):
@@ -81,3 +81,8 @@ class RequestError(CvopsError):
                  detail:str,       # what was wrong with the request, for the client
                 ):
         super().__init__(detail); self.http_status, self.detail = status, detail
+
+# %% ../nbs/00_errors.ipynb #5e0a8e01
+class StorageError(CvopsError):
+    "Storage at a URL cannot be used: no such bucket, no credentials, access denied, or an unreachable endpoint."
+    exit_code, http_status = 3, 503

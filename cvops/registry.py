@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from .bundle import ModelBundle
 from .config import Params, ProjectConfig, load_config, utc_now
 from .errors import CvopsError, ParameterError, NotFoundError, RegistryError
-from .store import ArtifactStore
+from .store import ArtifactStore, project_store
 from .errors import IntegrityError
 
 # %% auto #0
@@ -49,7 +49,7 @@ class Registry:
     def __init__(self, store:ArtifactStore|None=None, # where blobs and records live (default: the project's store)
                  cfg:ProjectConfig|None=None):
         self.cfg = cfg or load_config()
-        self.store = store or ArtifactStore(self.cfg.store_location)
+        self.store = project_store(store, self.cfg)
 
     def __repr__(self): return f"Registry({self.store.url!r})"
 

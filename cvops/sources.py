@@ -6,15 +6,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
+import posixpath
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+import fsspec
 
 from .errors import NotFoundError, ParameterError
+from .store import is_remote, open_url, protocols, storage_options_for
 
 # %% auto #0
 __all__ = ['FORMATS', 'SourceItem', 'check_label', 'detect_format', 'read_source']
@@ -42,54 +47,106 @@ def check_label(label, where:str) -> str|None:
                              "control characters, '.' or '..'")
     return label
 
-def _inside(base:Path, name:str, where:str) -> Path:
-    "Resolve a user-given relative file name under `base`, refusing anything that escapes it."
-    p = (base / name).resolve()
-    if not p.is_relative_to(base.resolve()):
-        raise ParameterError(f"{where}: file name {name!r} points outside {base}")
-    return p
+# %% ../nbs/13_sources.ipynb #b2c3d402
+_LOCAL = fsspec.filesystem("file")
 
-def _reader(path:Path) -> Callable[[], bytes]: return lambda: path.read_bytes()
+@dataclass(frozen=True)
+class _Loc:
+    "A file or folder of a source: a local path or a path on any fsspec filesystem."
+    fs: Any
+    path: str      # local: absolute; remote: bucket/key, no trailing '/'
+    local: bool
 
-def _visible_files(root:Path, recursive:bool=True) -> tuple[list[Path], list[str]]:
-    "Regular files under `root` in sorted order, and the hidden ones (dot-names) skipped."
-    files, hidden = [], []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel = Path(dirpath).relative_to(root)
-        for d in [d for d in dirnames if d.startswith(".")]: hidden.append(str(rel / d) + "/")
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
-        for f in sorted(filenames):
-            (hidden if f.startswith(".") else files).append(rel / f if f.startswith(".") else Path(dirpath) / f)
-    return files, [str(h) for h in hidden]
+    def __str__(self): return self.path if self.local else f"{protocols(self.fs)[0]}://{self.path}"
+    @property
+    def name(self) -> str: return self.path.rsplit("/", 1)[-1]
+    @property
+    def suffix(self) -> str: return Path(self.name).suffix.lower()
+    @property
+    def parent(self) -> _Loc: return _Loc(self.fs, self.path.rsplit("/", 1)[0] or "/", self.local)
+    @property
+    def key(self) -> str: return os.path.realpath(self.path) if self.local else self.path  # identity of a file
+    def child(self, name:str) -> _Loc: return _Loc(self.fs, f"{self.path.rstrip('/')}/{name}", self.local)
+    def rel(self, base:_Loc) -> str: return self.path[len(base.path.rstrip("/")) + 1:]
+    def exists(self) -> bool: return os.path.exists(self.path) if self.local else self.fs.exists(self.path)
+    def is_file(self) -> bool: return os.path.isfile(self.path) if self.local else self.fs.isfile(self.path)
+    def is_dir(self) -> bool: return os.path.isdir(self.path) if self.local else self.fs.isdir(self.path)
+    def read_bytes(self) -> bytes: return self.reader()()
+    def reader(self) -> Callable[[], bytes]:
+        return Path(self.path).read_bytes if self.local else (lambda fs=self.fs, p=self.path: fs.cat_file(p))
+
+    def children(self) -> list[_Loc]:
+        "The entries directly in this folder, sorted by name."
+        if self.local: return [_Loc(self.fs, os.path.join(self.path, n), True) for n in sorted(os.listdir(self.path))]
+        return sorted((_Loc(self.fs, p.rstrip("/"), False) for p in self.fs.ls(self.path, detail=False)
+                       if p.rstrip("/") != self.path), key=lambda l: l.name)
+
+    def inside(self, name:str, where:str) -> _Loc:
+        "A user-given relative file name under this folder, refusing anything that escapes it."
+        if self.local:
+            p, ok = (Path(self.path) / name).resolve(), None
+            ok = p.is_relative_to(Path(self.path).resolve())
+        else:
+            p = posixpath.normpath(f"{self.path}/{name}"); ok = p.startswith(self.path + "/")
+        if not ok: raise ParameterError(f"{where}: file name {name!r} points outside {self}")
+        return _Loc(self.fs, str(p), self.local)
+
+    def files(self, recursive:bool=True) -> tuple[list[_Loc], list[str]]:
+        "Regular files under this folder in `os.walk` order (sorted), and the hidden ones (dot-names) skipped."
+        files, hidden = [], []
+        walk = os.walk(self.path) if self.local else self.fs.walk(self.path)
+        for dirpath, dirnames, filenames in walk:
+            rel = dirpath.rstrip("/")[len(self.path.rstrip("/")) + 1:]
+            pre = f"{rel}/" if rel else ""
+            hidden += [f"{pre}{d}/" for d in sorted(dirnames) if d.startswith(".")]
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")) if recursive else []
+            for f in sorted(filenames):
+                if f.startswith("."): hidden.append(f"{pre}{f}")
+                else: files.append(_Loc(self.fs, f"{dirpath.rstrip('/')}/{f}", self.local))
+        return files, hidden
+
+    def file_check(self) -> Callable[[_Loc], bool]:
+        "A test 'is this a file?' for many paths under this folder: one listing on an object store."
+        if self.local: return lambda l: l.is_file()
+        known = set(self.fs.find(self.path))
+        return lambda l: l.path in known
+
+def _loc(src:str|Path, cfg=None) -> _Loc:
+    "Where a source (or its labels file, or its images folder) is; URLs open with the project's storage options."
+    if is_remote(src):
+        fs, path = open_url(str(src), storage_options_for(src, cfg))
+        return _Loc(fs, path.rstrip("/"), False)
+    return _Loc(_LOCAL, os.path.abspath(os.path.expanduser(str(src).removeprefix("file://"))), True)
 
 # %% ../nbs/13_sources.ipynb #25250bf1
-def _folder_items(src:Path) -> tuple[list[SourceItem], list[str]]:
-    files, hidden = _visible_files(src)
+def _folder_items(src:_Loc) -> tuple[list[SourceItem], list[str]]:
+    files, hidden = src.files()
     items = []
     for p in files:
-        rel = p.relative_to(src)
-        label = check_label(rel.parts[0], f"folder {src}") if len(rel.parts) > 1 else None
-        items.append(SourceItem(str(rel), _reader(p), label))
+        rel = p.rel(src)
+        label = check_label(rel.split("/", 1)[0], f"folder {src}") if "/" in rel else None
+        items.append(SourceItem(rel, p.reader(), label))
     return items, hidden
 
 _FILENAME_COLS = ("filename", "file", "file_name", "image", "path", "filepath")
 _LABEL_COLS = ("label", "class", "category", "ground_truth")
 
-def _csv_items(src:Path, labels:Path|None=None) -> tuple[list[SourceItem], list[str]]:
-    folder = src if src.is_dir() else src.parent
-    if labels is None:
-        if src.is_file(): labels = src
-        else:
-            csvs = sorted(folder.glob("*.csv"))
-            if len(csvs) != 1:
-                raise ParameterError(f"expected one labels CSV in {folder}, found {len(csvs)}"
-                                     f"{': ' + ', '.join(c.name for c in csvs) if csvs else ''}; pass labels=<file>")
-            labels = csvs[0]
-    labels = Path(labels)
-    if not labels.is_file(): raise NotFoundError("labels CSV", str(labels), [c.name for c in folder.glob("*.csv")])
-    try:
-        with open(labels, newline="", encoding="utf-8-sig") as f: rows = list(csv.DictReader(f))
+def _read_csv(labels:_Loc) -> list[dict]:
+    try: return list(csv.DictReader(io.StringIO(labels.read_bytes().decode("utf-8-sig"), newline="")))
     except (UnicodeDecodeError, csv.Error) as e: raise ParameterError(f"cannot read {labels} as CSV: {e}") from None
+
+def _csv_items(src:_Loc, labels:_Loc|None=None) -> tuple[list[SourceItem], list[str]]:
+    folder = src if src.is_dir() else src.parent
+    files, hidden = folder.files(recursive=False)
+    csvs = [p for p in files if p.suffix == ".csv"]  # label files beside the images are not images
+    if labels is None:
+        if not src.is_dir(): labels = src
+        elif len(csvs) != 1:
+            raise ParameterError(f"expected one labels CSV in {folder}, found {len(csvs)}"
+                                 f"{': ' + ', '.join(c.name for c in csvs) if csvs else ''}; pass labels=<file>")
+        else: labels = csvs[0]
+    if not labels.is_file(): raise NotFoundError("labels CSV", str(labels), [c.name for c in csvs])
+    rows = _read_csv(labels)
     header = list(rows[0].keys()) if rows else []
     cols = {c.strip().lower(): c for c in header if c}
     fcol = next((cols[c] for c in _FILENAME_COLS if c in cols), None)
@@ -97,26 +154,24 @@ def _csv_items(src:Path, labels:Path|None=None) -> tuple[list[SourceItem], list[
     if fcol is None or lcol is None:
         raise ParameterError(f"{labels.name} needs columns 'filename' and 'label' (header row); found columns: "
                              f"{', '.join(header) or '(none, or the file is empty)'}")
-    label_of, missing = {}, []
+    label_of, missing, is_file = {}, [], folder.file_check()
     for i, row in enumerate(rows, start=2):
         name = (row.get(fcol) or "").strip()
         if not name: raise ParameterError(f"{labels.name} line {i}: empty filename")
-        p = _inside(folder, name, f"{labels.name} line {i}")
-        if not p.is_file(): missing.append(name); continue
-        label_of[p] = check_label(row.get(lcol), f"{labels.name} line {i}")
+        p = folder.inside(name, f"{labels.name} line {i}")
+        if not is_file(p): missing.append(name); continue
+        label_of[p.key] = check_label(row.get(lcol), f"{labels.name} line {i}")
     if missing:
-        present = sorted(p.name for p in folder.iterdir() if p.is_file() and p != labels)
+        present = sorted(p.name for p in files if p.key != labels.key)
         raise ParameterError(f"{labels.name} names {len(missing)} file(s) not in {folder}: {', '.join(missing[:10])}"
                              f"{' …' if len(missing) > 10 else ''}; files there: {', '.join(present[:10]) or '(none)'}"
                              f"{' …' if len(present) > 10 else ''}")
-    files, hidden = _visible_files(folder, recursive=False)
-    csvs = [p for p in files if p.suffix.lower() == ".csv"]  # label files beside the images are not images
-    items = [SourceItem(p.name, _reader(p), label_of.get(p.resolve())) for p in files if p not in csvs]
+    items = [SourceItem(p.name, p.reader(), label_of.get(p.key)) for p in files if p not in csvs]
     return items, hidden + [f"{p.name} (a labels file)" for p in csvs]
 
 # %% ../nbs/13_sources.ipynb #dbf3fa6f
-def _coco_items(src:Path, images:Path|None=None) -> tuple[list[SourceItem], list[str]]:
-    try: doc = json.loads(src.read_text(encoding="utf-8"))
+def _coco_items(src:_Loc, images:_Loc|None=None) -> tuple[list[SourceItem], list[str]]:
+    try: doc = json.loads(src.read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e: raise ParameterError(f"{src} is not valid JSON: {e}") from None
     if not isinstance(doc, dict) or not all(isinstance(doc.get(k), list) for k in ("images", "annotations", "categories")):
         found = ", ".join(doc) if isinstance(doc, dict) else type(doc).__name__
@@ -129,8 +184,8 @@ def _coco_items(src:Path, images:Path|None=None) -> tuple[list[SourceItem], list
     except (KeyError, TypeError) as e:
         raise ParameterError(f"{src.name}: every category needs 'id' and 'name', every image 'id' and 'file_name' "
                              f"(missing {e})") from None
-    base = Path(images) if images else next((d for d in (src.parent / "images", src.parent / "data") if d.is_dir()), src.parent)
-    if not base.is_dir(): raise NotFoundError("images folder", str(base), [d.name for d in src.parent.iterdir() if d.is_dir()])
+    base = images or next((d for d in (src.parent.child("images"), src.parent.child("data")) if d.is_dir()), src.parent)
+    if not base.is_dir(): raise NotFoundError("images folder", str(base), [d.name for d in src.parent.children() if d.is_dir()])
     anns = defaultdict(list)
     for i, a in enumerate(doc["annotations"]):
         if not isinstance(a, dict) or a.get("image_id") not in imgs or a.get("category_id") not in cats:
@@ -139,18 +194,18 @@ def _coco_items(src:Path, images:Path|None=None) -> tuple[list[SourceItem], list
                                  f"category_id={a.get('category_id') if isinstance(a, dict) else '?'}); "
                                  f"categories: {', '.join(f'{k}={v}' for k, v in sorted(cats.items(), key=str))}")
         anns[a["image_id"]].append(a)
-    paths, missing = {}, []
+    paths, missing, is_file = {}, [], base.file_check()
     for iid, im in imgs.items():
-        p = _inside(base, im["file_name"], f"{src.name} image {iid}")
-        if p.is_file(): paths[iid] = p
+        p = base.inside(im["file_name"], f"{src.name} image {iid}")
+        if is_file(p): paths[iid] = p
         else: missing.append(im["file_name"])
     if missing:
-        present = sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and p != src)
+        present = sorted(p.rel(base) for p in base.files()[0] if p.key != src.key)
         raise ParameterError(f"{src.name} names {len(missing)} image(s) not under {base}: {', '.join(missing[:10])}"
                              f"{' …' if len(missing) > 10 else ''}; files there: {', '.join(present[:10]) or '(none)'}"
                              f"{' …' if len(present) > 10 else ''}")
     items = []
-    for iid, im in sorted(imgs.items(), key=lambda kv: str(paths[kv[0]])):
+    for iid, im in sorted(imgs.items(), key=lambda kv: paths[kv[0]].path):
         area, n, boxes = Counter(), Counter(), []
         for a in anns[iid]:
             bx = a.get("bbox") or [0, 0, 0, 0]
@@ -162,7 +217,7 @@ def _coco_items(src:Path, images:Path|None=None) -> tuple[list[SourceItem], list
         cid = {v: k for k, v in cats.items()}
         label = max(area, key=lambda c: (area[c], n[c], -_as_num(cid[c]))) if boxes else None
         size = (im["width"], im["height"]) if im.get("width") and im.get("height") else None
-        items.append(SourceItem(str(paths[iid].relative_to(base)), _reader(paths[iid]), label,
+        items.append(SourceItem(paths[iid].rel(base), paths[iid].reader(), label,
                                 {"_boxes": boxes, "_size": size} if boxes else {}))
     return items, []
 
@@ -210,50 +265,58 @@ def _captures_items(src:str) -> tuple[list[SourceItem], list[str]]:
     return items, skipped + sorted(rel(h) for h in hidden)
 
 # %% ../nbs/13_sources.ipynb #0bb77769
-def detect_format(src:str|Path) -> str:
-    "Tell the format of a source: 'folder', 'coco', 'csv' or 'captures'."
-    if "://" in str(src): return "captures"
-    p = Path(src)
+def _first_sidecar(p:_Loc) -> _Loc|None:
+    "The first non-hidden .json below `p` (walk order), without listing the whole tree of a local folder."
+    walk = os.walk(p.path) if p.local else p.fs.walk(p.path)
+    for dirpath, dirnames, filenames in walk:
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(filenames):
+            if f.lower().endswith(".json") and not f.startswith("."): return _Loc(p.fs, f"{dirpath.rstrip('/')}/{f}", p.local)
+    return None
+
+def _detect(p:_Loc) -> str:
     if p.is_file():
-        if p.suffix.lower() == ".json": return "coco"
-        if p.suffix.lower() == ".csv": return "csv"
+        if p.suffix == ".json": return "coco"
+        if p.suffix == ".csv": return "csv"
         raise ParameterError(f"cannot tell the format of {p}: a source is a folder, a COCO .json or a labels .csv")
-    top = [c for c in p.iterdir() if not c.name.startswith(".")]
-    jsons = [c for c in top if c.is_file() and c.suffix.lower() == ".json"]
-    if any(c.suffix.lower() == ".csv" for c in top if c.is_file()): return "csv"
-    for j in jsons:  # a COCO file at the top, or capture sidecars
-        try: doc = json.loads(j.read_text())
+    top = [c for c in p.children() if not c.name.startswith(".")]
+    files = [c for c in top if c.suffix in (".csv", ".json") and c.is_file()]
+    if any(c.suffix == ".csv" for c in files): return "csv"
+    for j in (c for c in files if c.suffix == ".json"):  # a COCO file at the top, or capture sidecars
+        try: doc = json.loads(j.read_bytes())
         except Exception: continue
         if isinstance(doc, dict) and "annotations" in doc and "images" in doc: return "coco"
         if isinstance(doc, dict) and "prediction" in doc: return "captures"
-    sidecar = next((f for f in p.rglob("*.json") if not f.name.startswith(".")), None)
-    if sidecar is not None and '"prediction"' in sidecar.read_text(errors="replace"): return "captures"
+    sidecar = _first_sidecar(p)
+    if sidecar is not None and b'"prediction"' in sidecar.read_bytes(): return "captures"
     return "folder"
 
-def read_source(src:str|Path,            # folder, COCO .json, labels .csv, or captures folder/URL
+def detect_format(src:str|Path) -> str:
+    "Tell the format of a source (a local path or any fsspec URL): 'folder', 'coco', 'csv' or 'captures'."
+    return _detect(_loc(src))
+
+def read_source(src:str|Path,            # folder, COCO .json, labels .csv, or captures folder; local or any fsspec URL
                 fmt:str="auto",          # one of FORMATS
                 images:str|Path|None=None, # COCO/CSV: the folder holding the images (default: beside the label file)
                 labels:str|Path|None=None, # CSV: the labels file (default: the one .csv in the folder)
                ) -> tuple[str, list[SourceItem], list[str]]: # format, items, skipped (hidden files, orphan sidecars)
     "Read a source into items without writing anything; malformed label files raise `ParameterError`."
     if fmt not in FORMATS: raise ParameterError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
-    remote = "://" in str(src)
-    if not remote and not Path(src).exists():
-        parent = Path(src).expanduser().resolve().parent
-        near = sorted(c.name for c in parent.iterdir())[:20] if parent.is_dir() else []
+    p = _loc(src)  # a URL's bucket, credentials and endpoint are checked here
+    if not p.exists():
+        parent = p.parent
+        near = [c.name for c in parent.children()][:20] if parent.is_dir() else []
         raise NotFoundError("source path", str(src), near)
-    if remote and fmt not in ("auto", "captures"): raise ParameterError(f"only captures can be read from a URL, got format {fmt!r}")
-    fmt = detect_format(src) if fmt == "auto" else fmt
-    p = Path(src) if not remote else None
+    fmt = _detect(p) if fmt == "auto" else fmt
     if fmt == "folder":
         if not p.is_dir(): raise ParameterError(f"format 'folder' needs a folder, got the file {p}")
         items, skipped = _folder_items(p)
-    elif fmt == "csv": items, skipped = _csv_items(p, Path(labels) if labels else None)
+    elif fmt == "csv": items, skipped = _csv_items(p, _loc(labels) if labels else None)
     elif fmt == "coco":
         if p.is_dir():
-            cands = [j for j in sorted(p.glob("*.json"))]
+            cands = [j for j in p.children() if j.suffix == ".json" and not j.name.startswith(".")]
             if len(cands) != 1: raise ParameterError(f"expected one COCO .json in {p}, found {len(cands)}; pass the file itself")
             p = cands[0]
-        items, skipped = _coco_items(p, Path(images) if images else None)
+        items, skipped = _coco_items(p, _loc(images) if images else None)
     else: items, skipped = _captures_items(str(src))
     return fmt, items, skipped

@@ -9,6 +9,8 @@ import hashlib
 import json
 import os
 import re
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +18,11 @@ from typing import Iterable
 
 import fsspec
 from filelock import FileLock
-from .errors import CvopsError, ParameterError, NotFoundError, IntegrityError
+from .errors import CvopsError, ParameterError, NotFoundError, IntegrityError, StorageError
 
 # %% auto #0
-__all__ = ['CHUNK', 'Artifact', 'sha256_bytes', 'sha256_file', 'check_key', 'check_sha', 'ArtifactStore', 'project_store']
+__all__ = ['CHUNK', 'Artifact', 'sha256_bytes', 'sha256_file', 'check_key', 'check_sha', 'is_remote', 'protocols', 'open_url',
+           'storage_options_for', 'ArtifactStore', 'project_store', 'StoreLock']
 
 # %% ../nbs/01_store.ipynb #c3068730
 CHUNK = 1 << 20  # 1 MiB: read/write granularity for streaming copies and hashing
@@ -59,17 +62,85 @@ def check_sha(sha:str) -> str:
     if not isinstance(sha, str) or not _SHA.match(sha): raise ParameterError(f"not a sha256 digest: {sha!r}")
     return sha
 
+# %% ../nbs/01_store.ipynb #a1b2c302
+_BUCKETED = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss"}  # protocols whose first path part is a bucket
+_S3 = {"s3", "s3a"}
+_NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "ClientAuthenticationError"}
+_UNREACHABLE = {"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ClientConnectorError",
+                "ServerTimeoutError", "ConnectionError", "ConnectionRefusedError", "TimeoutError", "gaierror"}
+_probed: set = set()  # (url's bucket, options) already found to answer in this process
+
+def is_remote(url:str|Path) -> bool:
+    "Is `url` an fsspec URL other than a local path (`file://` counts as local)?"
+    return "://" in str(url) and not str(url).startswith("file://")
+
+def protocols(fs) -> tuple[str, ...]:
+    "The protocol names of an fsspec filesystem, as a tuple."
+    return fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)
+
+def _endpoint(fs) -> str:
+    "Where the filesystem sends its requests, when it says (S3: the endpoint URL)."
+    url = getattr(getattr(getattr(fs, "s3", None), "meta", None), "endpoint_url", None)
+    return f" at {url}" if url else ""
+
+def _storage_problem(e:Exception, url:str, bucket:str, fs) -> StorageError:
+    "One line naming what is wrong with the storage behind `url`."
+    names = {c.__name__ for c in type(e).__mro__} | {c.__name__ for c in type(e.__cause__ or e).__mro__}
+    where = _endpoint(fs)
+    if isinstance(e, FileNotFoundError):
+        return StorageError(f"bucket {bucket!r} does not exist{where} (from {url}); create it or fix the URL")
+    if names & _NO_CREDENTIALS:
+        return StorageError(f"no credentials for {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+                            "or the protocol's storage_options")
+    if isinstance(e, PermissionError):
+        return StorageError(f"access to bucket {bucket!r}{where} is denied: {e} (check the credentials)")
+    if names & _UNREACHABLE:
+        return StorageError(f"cannot reach the storage endpoint{where or ' of ' + url}: {e}; check AWS_ENDPOINT_URL / endpoint_url")
+    return StorageError(f"cannot use {url}{where}: {type(e).__name__}: {e}")
+
+def open_url(url:str|Path,                   # a local path or any fsspec URL
+             storage_options:dict|None=None, # fsspec options for this URL's protocol (endpoint_url, key, …)
+            ) -> tuple:                      # (fsspec filesystem, path on it)
+    "Open the filesystem behind `url` and, for a bucket, check it answers: a one-line `StorageError` before any work."
+    url = str(url)
+    if not is_remote(url): return fsspec.core.url_to_fs(url)
+    protocol = url.split("://", 1)[0]
+    opts = {**({"use_listings_cache": False} if protocol in _S3 else {}), **(storage_options or {})}
+    try: fs, path = fsspec.core.url_to_fs(url, **opts)
+    except (ImportError, ValueError) as e: raise StorageError(f"cannot open {url}: {e}") from None
+    bucket = path.split("/", 1)[0]
+    probe = (protocol, bucket, json.dumps(opts, sort_keys=True, default=str))
+    if protocol in _BUCKETED and probe not in _probed:
+        try: fs.ls(bucket, detail=False)
+        except Exception as e: raise _storage_problem(e, url, bucket, fs) from None
+        _probed.add(probe)
+    return fs, path
+
+def storage_options_for(url:str|Path, cfg=None) -> dict:
+    "The project's `storage_options` for the protocol of `url` (empty for local paths)."
+    if not is_remote(url): return {}
+    from cvops.config import load_config
+    return dict((cfg or load_config()).storage_options.get(str(url).split("://", 1)[0], {}))
+
 # %% ../nbs/01_store.ipynb #3bab062a
 class ArtifactStore:
     "Content-addressed blobs and atomically written JSON documents on any fsspec filesystem."
 
-    def __init__(self, url:str|Path, # a local folder or an fsspec URL (s3://bucket/prefix, memory://x, …)
+    def __init__(self, url:str|Path,                 # a local folder or an fsspec URL (s3://bucket/prefix, memory://x, …)
+                 storage_options:dict|None=None,  # fsspec options for the URL's protocol (default: the environment's)
                 ):
         self.url = str(url)
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = open_url(self.url, storage_options)  # StorageError now if the bucket does not answer
         self.root = self.root.rstrip("/")
-        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,))
-        for sub in ("objects", "docs", "tmp"): self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
+        self.local = "file" in protocols(self.fs)
+        # object stores have no folders (and s3fs's makedirs would create a missing bucket instead of failing)
+        if not self.bucketed:
+            for sub in ("objects", "docs", "tmp"): self.fs.makedirs(f"{self.root}/{sub}", exist_ok=True)
+
+    @property
+    def bucketed(self) -> bool:
+        "Is the store on an object store (S3, GCS, Azure), where one PUT is atomic and there are no folders?"
+        return bool(set(protocols(self.fs)) & _BUCKETED)
 
     def __repr__(self): return f"ArtifactStore({self.url!r})"
 
@@ -78,9 +149,13 @@ class ArtifactStore:
     def _doc(self, key:str) -> str: return f"{self.root}/docs/{check_key(key)}"
     def _tmp(self) -> str: return f"{self.root}/tmp/{uuid.uuid4().hex}.part"
 
+    def _where(self, path:str) -> str:
+        "A stored path as a URL the user can look up."
+        return path if self.local else f"{protocols(self.fs)[0]}://{path}"
+
     def _commit(self, tmp:str, final:str):
         "Move a fully written temporary file to its final name (an atomic rename on local disks)."
-        self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
+        if not self.bucketed: self.fs.makedirs(final.rsplit("/", 1)[0], exist_ok=True)
         if self.local: os.replace(tmp, final)
         else: self.fs.mv(tmp, final)
 
@@ -107,8 +182,13 @@ class ArtifactStore:
         return self.put_stream([data])
 
     def put_file(self, path:str|Path) -> Artifact:
-        "Store a local file under its sha256, streaming it."
-        with open(path, "rb") as f: return self.put_stream(iter(lambda: f.read(CHUNK), b""))
+        "Store a local file under its sha256, streaming it (on an object store: hashed first, uploaded once)."
+        if not self.bucketed:
+            with open(path, "rb") as f: return self.put_stream(iter(lambda: f.read(CHUNK), b""))
+        sha, size = sha256_file(path), os.path.getsize(path)
+        # one PUT (multipart for big files) is atomic on an object store: no temporary object, no copy
+        if not self.fs.exists(self._obj(sha)): self.fs.put_file(str(path), self._obj(sha))
+        return Artifact(sha, size, self._obj(sha))
 
     def has(self, sha:str) -> bool:
         "Is a blob with this sha256 stored?"
@@ -122,7 +202,8 @@ class ArtifactStore:
         if not self.has(sha): raise self._missing(sha)
         data = self.fs.cat_file(self._obj(sha))
         if verify and sha256_bytes(data) != sha:
-            raise IntegrityError(f"artifact {sha[:12]}… is corrupted: its content hashes to {sha256_bytes(data)[:12]}…")
+            raise IntegrityError(f"artifact {sha[:12]}… is corrupted: its content hashes to {sha256_bytes(data)[:12]}… "
+                                 f"({self._where(self._obj(sha))})")
         return data
 
     def get_file(self, sha:str, dest:str|Path) -> Path:
@@ -135,7 +216,8 @@ class ArtifactStore:
             with self.fs.open(self._obj(sha), "rb") as src, open(part, "wb") as out:
                 for chunk in iter(lambda: src.read(CHUNK), b""): h.update(chunk); out.write(chunk)
             if h.hexdigest() != sha:
-                raise IntegrityError(f"artifact {sha[:12]}… is corrupted: its content hashes to {h.hexdigest()[:12]}…")
+                raise IntegrityError(f"artifact {sha[:12]}… is corrupted: its content hashes to {h.hexdigest()[:12]}… "
+                                     f"({self._where(self._obj(sha))})")
             os.replace(part, dest)
         finally:
             if part.exists(): part.unlink()
@@ -157,6 +239,9 @@ class ArtifactStore:
                   ) -> str:
         "Write a JSON document atomically (temp + rename); returns the sha256 of its bytes."
         data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode()
+        if self.bucketed:  # one PUT replaces an object atomically: readers see the old or the new document
+            self.fs.pipe_file(self._doc(key), data)
+            return sha256_bytes(data)
         tmp = self._tmp()
         with self.fs.open(tmp, "wb") as f:
             f.write(data)
@@ -185,13 +270,17 @@ class ArtifactStore:
         "Remove a document (missing is fine)."
         if self.fs.exists(self._doc(key)): self.fs.rm(self._doc(key))
 
-    def lock(self, name:str, timeout:float=60) -> FileLock:
-        "An inter-process lock for read-modify-write of documents (a local lock file next to the store or under ~/.cache)."
+    def lock(self, name:str,             # what is locked, a key like `registry-m`
+             timeout:float=60,           # seconds to wait before giving up
+             stale_after:float=3600,     # object stores: a lease older than this is a crashed holder's, and is taken over
+            ) -> StoreLock:
+        "A lock for read-modify-write of documents: a local lock file, plus a lease object on S3 (see `StoreLock`)."
         check_key(name)
         base = Path(self.root) / "locks" if self.local else Path.home() / ".cache" / "cvops" / "locks" / hashlib.sha1(self.url.encode()).hexdigest()[:12]
         path = base / f"{name.replace('/', '__')}.lock"
         path.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(path), timeout=timeout)
+        lease = f"{self.root}/locks/{name}.lease" if set(protocols(self.fs)) & _S3 else None
+        return StoreLock(FileLock(str(path), timeout=timeout), self.fs if lease else None, lease, timeout, stale_after)
 
     def clean_tmp(self) -> int:
         "Delete leftovers of interrupted writes; returns how many were removed."
@@ -203,7 +292,63 @@ class ArtifactStore:
 def project_store(store:ArtifactStore|None=None, # an open store, returned as it is
                   cfg=None,                      # a `ProjectConfig` (default: `load_config()`)
                  ) -> ArtifactStore:
-    "`store`, or the project's store from its config: the default every module uses."
+    "`store`, or the project's store from its config (with its `storage_options`): the default every module uses."
     if store is not None: return store
     from cvops.config import load_config
-    return ArtifactStore((cfg or load_config()).store_location)
+    cfg = cfg or load_config()
+    return ArtifactStore(cfg.store_location, storage_options_for(cfg.store_location, cfg))
+
+# %% ../nbs/01_store.ipynb #a1b2c304
+class StoreLock:
+    "A local `FileLock`, plus (on S3) a lease object created by a conditional write: see the table above."
+
+    def __init__(self, local:FileLock,   # the lock file for this machine
+                 fs=None, key:str|None=None, # the lease object, on S3 only
+                 timeout:float=60, stale_after:float=3600):
+        self.local, self.fs, self.key, self.timeout, self.stale_after = local, fs, key, timeout, stale_after
+        self.etag = None
+
+    def __repr__(self): return f"StoreLock({self.local.lock_file!r}, lease={self.key!r})"
+
+    def _body(self) -> bytes:
+        return json.dumps({"owner": f"{socket.gethostname()}:{os.getpid()}", "time": time.time(), "id": uuid.uuid4().hex}).encode()
+
+    def _take(self, **cond) -> bool:
+        "Write the lease under a condition; True if this process now holds it."
+        try: self.etag = self.fs.pipe_file(self.key, self._body(), **cond).get("ETag")
+        except (FileExistsError, OSError) as e:
+            if isinstance(e, FileExistsError) or getattr(e, "errno", None) == 22: return False  # precondition failed
+            raise
+        return True
+
+    def _lease(self):
+        deadline, wait = time.monotonic() + self.timeout, 0.05
+        while not self._take(mode="create"):
+            try:
+                info = self.fs.info(self.key)
+                held = json.loads(self.fs.cat_file(self.key))
+            except (FileNotFoundError, ValueError): continue  # released (or being replaced) meanwhile: try again
+            if time.time() - float(held.get("time", 0)) > self.stale_after and self._take(IfMatch=info["ETag"]): return
+            if time.monotonic() > deadline:
+                raise StorageError(f"lock s3://{self.key} is held by {held.get('owner')} since "
+                                   f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(held.get('time', 0)))}; waited "
+                                   f"{self.timeout:g}s (delete the object if that process is gone)")
+            time.sleep(wait); wait = min(wait * 2, 1.0)
+
+    def acquire(self) -> StoreLock:
+        self.local.acquire()
+        try:
+            if self.key: self._lease()
+        except BaseException: self.local.release(); raise
+        return self
+
+    def release(self):
+        try:
+            if self.key:  # delete the lease only while it is still ours (a takeover replaced its ETag)
+                try:
+                    if self.fs.info(self.key).get("ETag") == self.etag: self.fs.rm(self.key)
+                except FileNotFoundError: pass
+        finally: self.local.release()
+
+    def __enter__(self): return self.acquire()
+    def __exit__(self, *exc): self.release()
