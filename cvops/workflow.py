@@ -104,7 +104,7 @@ def pipeline_workflow(p:WorkflowParams|None=None,   # cluster settings, stages, 
 def write_workflows(p:WorkflowParams|None=None, cfg:ProjectConfig|None=None) -> list[Path]:
     "Write `workflow.yaml` and `cronworkflow.yaml` into `p.out`; returns their paths."
     p = p or WorkflowParams()
-    p.out.mkdir(parents=True, exist_ok=True)
-    out = [p.out / "workflow.yaml", p.out / "cronworkflow.yaml"]
-    for f, cron in zip(out, (False, True)): f.write_text(pipeline_workflow(p, cfg, cron=cron).to_yaml())
-    return out
+    texts = {"workflow.yaml": pipeline_workflow(p, cfg).to_yaml(), "cronworkflow.yaml": pipeline_workflow(p, cfg, cron=True).to_yaml()}
+    p.out.mkdir(parents=True, exist_ok=True)  # only once both are built: a bad parameter leaves nothing behind
+    for name, text in texts.items(): (p.out / name).write_text(text)
+    return [p.out / name for name in texts]
