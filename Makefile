@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cvops-installed
 export FIFTYONE_DO_NOT_TRACK ?= true
 export WANDB_SILENT ?= true
 
-.PHONY: demo test install check-sync nbtest pytest readme bench docs clean
+.PHONY: demo test install check-sync stages nbtest pytest readme bench docs clean
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,13 @@ check-sync:
 	@tmp=$$(mktemp -d); $(BIN)/jupyter nbconvert --log-level ERROR --to markdown nbs/index.ipynb --output-dir "$$tmp" --output README >/dev/null; \
 	if ! diff -q "$$tmp/README.md" README.md >/dev/null; then rm -rf "$$tmp"; \
 	  echo "ERROR: README.md differs from nbs/index.ipynb. Edit the notebook, then run 'make readme'." >&2; exit 1; fi; rm -rf "$$tmp"
-	@echo "check-sync: notebooks clean; cvops/ and README.md match them"
+	@if ! diff -r -q -x .notest nbs/stages cvops/stages; then \
+	  echo "ERROR: cvops/stages/ (the stage notebooks shipped in the package) differs from nbs/stages/. Run 'make stages' and commit both." >&2; exit 1; fi
+	@echo "check-sync: notebooks clean; cvops/, cvops/stages/ and README.md match them"
+
+# the default stage notebooks ship inside the package (cvops/stages/): copies of nbs/stages/, checked by check-sync
+stages:
+	rm -f cvops/stages/*.ipynb; mkdir -p cvops/stages; cp nbs/stages/*.ipynb cvops/stages/
 
 nbtest:
 	$(BIN)/nbdev_test --n_workers 2 --timing

@@ -50,6 +50,9 @@ setup(
                  "Topic :: Scientific/Engineering :: Image Recognition"],
     python_requires=f">={meta['min_python']}",
     packages=find_packages(include=["cvops", "cvops.*"]),
+    # the default stage notebooks (generated from nbs/stages/ by `make stages`): `cvops run` and `cvops init` use them
+    package_data={"cvops": ["stages/*.ipynb"]},
+    include_package_data=False,
     install_requires=base,
     extras_require={"serve": serve, "data": data, "train": train, "label": label, "s3": s3, "argo": argo,
                     "dev": sorted(set(dev))},

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import click
 
+import cvops
+
 from .cli import cli, params_command
 from .demo import DemoParams
 
@@ -30,10 +32,12 @@ def _report(stage, status, rec):
 @click.option("--no-cache", is_flag=True, help="run cacheable stages even when nothing changed")
 @click.option("--timeout", default="1800", metavar="SECONDS", help="longest a single cell may run before the stage fails [default: 1800]")
 @click.option("--list", "list_runs", is_flag=True, help="list the pipeline runs and exit")
-def run_cmd(params, stages, resume, no_cache, timeout, list_runs):
+@click.option("--run-id", default=None, metavar="ID", help="name the run; an existing run's id adds these stages to it (one run over several processes, as on Argo)")
+def run_cmd(params, stages, resume, no_cache, timeout, list_runs, run_id):
     "Run the pipeline of stage notebooks through papermill (ingest → curate → train → evaluate → gate → export → deploy)."
     from cvops.errors import ParameterError
-    from cvops.pipeline import RunManifest, run_pipeline, runs_dir
+    from cvops.config import load_config
+    from cvops.pipeline import RunManifest, run_pipeline, runs_dir, stages_folder
     if list_runs:
         base = runs_dir()
         for d in sorted(base.glob("*")) if base.exists() else []:
@@ -44,7 +48,12 @@ def run_cmd(params, stages, resume, no_cache, timeout, list_runs):
     try: t = float(timeout)
     except ValueError: raise ParameterError(f"--timeout must be a number of seconds, got {timeout!r}") from None
     if t <= 0: raise ParameterError(f"--timeout must be positive, got {timeout!r}")
-    run_dir, m = run_pipeline(list(params), stages=stages, resume=resume, cache=not no_cache, timeout=t, on_event=_report)
+    cfg = load_config()
+    folder, packaged = stages_folder(cfg)
+    click.echo(f"stages: packaged with cvops {cvops.__version__} ({folder}); `cvops init` copies them into the project to edit"
+               if packaged else f"stages: the project's, from {folder}", err=True)
+    run_dir, m = run_pipeline(list(params), stages=stages, resume=resume, cache=not no_cache, timeout=t, on_event=_report,
+                              cfg=cfg, run_id=run_id)
     click.echo(f"run {m.id}: {m.status} in {m.seconds:.1f}s — {run_dir}")
     if m.lineage: click.echo("lineage: " + ", ".join(f"{k}={v}" for k, v in m.lineage.items()))
 

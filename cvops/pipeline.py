@@ -29,10 +29,10 @@ from .errors import CvopsError, ParameterError, NotFoundError, StageError
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STAGES', 'StageSpec', 'IngestStage', 'CurateStage', 'resolve_params', 'select_stages', 'save_outputs',
-           'stage_outputs', 'params_from', 'synthetic_source', 'StageRecord', 'RunManifest', 'runs_dir',
-           'load_manifest', 'stage_notebook', 'code_fingerprint', 'StageKernel', 'execute_stage', 'stage_params',
-           'prepare_run', 'run_lineage', 'run_pipeline']
+__all__ = ['log', 'STAGES', 'PACKAGED_STAGES', 'StageSpec', 'IngestStage', 'CurateStage', 'resolve_params', 'select_stages',
+           'save_outputs', 'stage_outputs', 'params_from', 'synthetic_source', 'StageRecord', 'RunManifest', 'runs_dir',
+           'load_manifest', 'stages_folder', 'stage_notebook', 'code_fingerprint', 'StageKernel', 'execute_stage',
+           'stage_params', 'prepare_run', 'run_lineage', 'run_pipeline']
 
 # %% ../nbs/50_pipeline.ipynb #cda996c1
 class StageSpec(BaseModel):
@@ -175,6 +175,7 @@ class RunManifest(BaseModel):
     status: Literal["running", "ok", "failed"] = "running"
     cvops_version: str = cvops.__version__
     assignments: dict[str, str] = Field(default_factory=dict)
+    stages_dir: str = Field("", description="the folder the stage notebooks came from (the project's, or the packaged one)")
     stages: list[StageRecord] = Field(default_factory=list)
     lineage: dict[str, Any] = Field(default_factory=dict)
     seconds: float = 0.0
@@ -199,9 +200,20 @@ def load_manifest(run:str|Path, cfg:ProjectConfig|None=None) -> tuple[Path, RunM
     return d, RunManifest.model_validate_json((d / "manifest.json").read_text())
 
 # %% ../nbs/50_pipeline.ipynb #564545c9
-def stage_notebook(cfg:ProjectConfig, name:str) -> Path:
-    "The notebook of stage `name` in the project's stages folder."
+PACKAGED_STAGES = Path(cvops.__file__).parent / "stages"  # the default stage notebooks, shipped with the package
+
+def stages_folder(cfg:ProjectConfig) -> tuple[Path, bool]:
+    "Where the stage notebooks come from, and whether that is the packaged folder: the project's `stages_dir` if it exists."
     d = cfg.path(cfg.stages_dir)
+    if d.is_dir(): return d, False
+    if "stages_dir" in cfg.model_fields_set:  # set on purpose (cvops.yaml): a missing folder is a mistake, not a fallback
+        raise ParameterError(f"stages_dir {cfg.stages_dir} is not a folder (under {cfg.root}); remove the setting to use "
+                             "the stages packaged with cvops, or `cvops init --force` to copy them there")
+    return PACKAGED_STAGES, True
+
+def stage_notebook(cfg:ProjectConfig, name:str) -> Path:
+    "The notebook of stage `name`: in the project's stages folder if it has one, else among the packaged stages."
+    d, _ = stages_folder(cfg)
     found = sorted(d.glob(f"*_{name}.ipynb")) + sorted(d.glob(f"{name}.ipynb"))
     if not found:
         have = [p.stem for p in d.glob("*.ipynb")] if d.exists() else []
@@ -333,9 +345,11 @@ def prepare_run(cfg:ProjectConfig,
                 assignments:list[str]|dict=(), # `-p` values
                 stages:str|None=None,          # the stage selection (see `select_stages`)
                 resume:str|None=None,          # a failed run to continue
+                run_id:str|None=None,          # the run's id: a new run gets it; an existing run gets these stages added
                ) -> tuple[Path, RunManifest, list[StageSpec], dict[str, dict]]: # run dir, manifest, stages, parameters
     "Validate every stage's parameters, then create the run directory and manifest (or reopen a failed run's)."
     given = assignments if isinstance(assignments, dict) else parse_assignments(assignments)
+    if run_id and not resume and (runs_dir(cfg) / run_id / "manifest.json").exists(): return _extend_run(cfg, given, stages, run_id)
     if resume:
         run_dir, manifest = load_manifest(resume, cfg)
         if manifest.status == "ok": raise ParameterError(f"run {manifest.id} already finished; nothing to resume")
@@ -345,10 +359,26 @@ def prepare_run(cfg:ProjectConfig,
         specs = select_stages(cfg, stages)
     per_stage = resolve_params(specs, given, cfg.params)  # everything is validated before the first stage runs
     if not resume:
-        run_id = _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
+        if run_id and (not run_id.replace("-", "").replace("_", "").isalnum() or len(run_id) > 100):
+            raise ParameterError(f"run id {run_id!r}: use letters, digits, '-' and '_' only")
+        run_id = run_id or _dt.datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
         run_dir = runs_dir(cfg) / run_id; run_dir.mkdir(parents=True)
         manifest = RunManifest(id=run_id, created=utc_now(), stages=[StageRecord(name=s.name) for s in specs])
     manifest.status, manifest.assignments = "running", {k: str(v) for k, v in given.items()}
+    manifest.stages_dir = str(stages_folder(cfg)[0])
+    manifest.save(run_dir)
+    return run_dir, manifest, specs, per_stage
+
+def _extend_run(cfg:ProjectConfig, given:dict, stages:str|None, run_id:str):
+    "Reopen run `run_id` to run `stages` in it (again): their records join the manifest in the project's stage order."
+    run_dir, manifest = load_manifest(run_id, cfg)
+    specs = select_stages(cfg, stages)
+    per_stage = resolve_params(specs, given, cfg.params)
+    have = {s.name: s for s in manifest.stages}
+    for s in specs: have[s.name] = StageRecord(name=s.name)  # asked for again: it runs again
+    manifest.stages = [have[n] for n in cfg.stages if n in have] + [r for n, r in have.items() if n not in cfg.stages]
+    manifest.status, manifest.assignments = "running", {**manifest.assignments, **{k: str(v) for k, v in given.items()}}
+    manifest.stages_dir = str(stages_folder(cfg)[0])
     manifest.save(run_dir)
     return run_dir, manifest, specs, per_stage
 
@@ -441,10 +471,11 @@ def run_pipeline(assignments:list[str]|dict=(), # `-p` values: `key=value` or `s
                  timeout:float=1800,            # seconds any one cell may run before the stage fails
                  on_event=None,                 # callback(stage_name, status, record) for progress reporting
                  warm_kernels:int=2,            # start the kernels (and imports) of this many next stages while one runs
+                 run_id:str|None=None,          # name the run; an existing run's id adds these stages to it
                 ) -> tuple[Path, RunManifest]:
     "Run the pipeline (or a part of it); raises `StageError` after recording a failure. Returns the run dir and manifest."
     cfg = cfg or load_config()
-    run_dir, manifest, specs, per_stage = prepare_run(cfg, assignments, stages, resume)
+    run_dir, manifest, specs, per_stage = prepare_run(cfg, assignments, stages, resume, run_id)
     run = _Run(cfg, run_dir, manifest, specs, per_stage, cache=cache, timeout=timeout, warm_kernels=warm_kernels,
                notify=on_event or (lambda *a: None))
     t_run = time.perf_counter()
