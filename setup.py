@@ -27,8 +27,10 @@ train = ["torch>=2.4,<=2.14.1", "torchvision>=0.19,<=0.29.1", "lightning>=2.3", 
 label = ["label-studio-sdk==2.1.2"]
 s3 = ["s3fs>=2024.2"]
 argo = ["hera>=7.1"]
+# `cvops run` executes the stage notebooks in a Jupyter kernel
+pipeline = ["papermill>=2.6", "ipykernel>=6", "nbclient>=0.10"]
 # nbdev 2.4.14 needs this older toolchain (SPEC §8): fastcore 2.x and execnb >= 0.2 break it.
-dev = serve + data + train + label + s3 + argo + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi<2", "jupyterlab>=4",
+dev = serve + data + train + label + s3 + argo + pipeline + ["nbdev==2.4.14", "fastcore==1.14.5", "execnb==0.1.18", "ghapi<2", "jupyterlab>=4",
                               "ipykernel>=6", "papermill>=2.6", "nbconvert>=7", "pytest>=8", "pytest-timeout>=2.3",
                               "schemathesis>=3.30", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocs-jupyter>=0.25",
                               # real peers and servers for tests and benchmarks (SPEC §8)
@@ -54,7 +56,7 @@ setup(
     package_data={"cvops": ["stages/*.ipynb"]},
     include_package_data=False,
     install_requires=base,
-    extras_require={"serve": serve, "data": data, "train": train, "label": label, "s3": s3, "argo": argo,
+    extras_require={"serve": serve, "data": data, "train": train, "label": label, "s3": s3, "argo": argo, "pipeline": pipeline,
                     "dev": sorted(set(dev))},
     entry_points={"console_scripts": ["cvops=cvops.cli:_entry"], "nbdev": ["cvops=cvops._modidx:d"]},
     zip_safe=False,

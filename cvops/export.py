@@ -18,7 +18,7 @@ from .bundle import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session, write_
 from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, ParameterError, ParityError
 from .preprocess import PreprocessSpec, decode_resized, normalize, preprocess_bytes
-from .store import ArtifactStore, sha256_file
+from .store import ArtifactStore, project_store, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -296,7 +296,7 @@ def export_run(params:ExportParams|dict|None=None, # what to export (see `Export
     from cvops.train import load_model, load_run
     p = params if isinstance(params, ExportParams) else validate_params(ExportParams, {**(params or {}), **kwargs})
     cfg = cfg or load_config()
-    store = store or ArtifactStore(cfg.store_location)
+    store = project_store(store, cfg)
     run = load_run(p.run_id or "latest", store=store)
     model, classes, spec = load_model(run.id, store=store)
     version = load_version(p.dataset_version or run.dataset_version, dataset=run.dataset, store=store)

@@ -84,7 +84,7 @@ def ci_workflow() -> str:
           "jobs": {"pipeline": {"runs-on": "ubuntu-latest", "timeout-minutes": 60, "steps": [
               {"uses": "actions/checkout@v4"},
               {"uses": "actions/setup-python@v5", "with": {"python-version": "3.11"}},
-              {"name": "install cvops", "run": f'pip install "cvops[train,data]=={cvops.__version__}" papermill ipykernel'},
+              {"name": "install cvops", "run": f'pip install "cvops[train,data,pipeline]=={cvops.__version__}"'},
               {"name": "run the pipeline (tiny: it checks that every stage still runs)",
                "run": f"cvops run {tiny} --no-cache", "env": {"FIFTYONE_DO_NOT_TRACK": "true", "WANDB_MODE": "offline"}},
               {"name": "keep the executed notebooks", "if": "always()", "uses": "actions/upload-artifact@v4",
