@@ -78,6 +78,8 @@ STAGES = {s.name: s for s in [
     StageSpec(name="deploy", params="cvops.deploy:DeployParams",
               inputs={"model_version": "export.model_version", "promote": "gate.promote", "reason": "gate.reason", **_DATASET},
               preload="import onnxruntime, pandas, cvops.data, cvops.deploy"),
+    # optional stages: not in the default order, run by naming them (`cvops run --stages monitor`)
+    StageSpec(name="monitor", params="cvops.monitor:MonitorParams", preload="import onnxruntime, pandas, matplotlib.pyplot, cvops.monitor"),
 ]}
 
 # %% ../nbs/50_pipeline.ipynb #3a94184e
@@ -116,11 +118,11 @@ def select_stages(cfg:ProjectConfig, selection:str|None=None) -> list[StageSpec]
         for s in (a, b):
             if s and s not in order: raise NotFoundError("stage", s, order)
         chosen = order[order.index(a) if a else 0: (order.index(b) + 1) if b else len(order)]
-    else:
+    else:  # a list may also name the optional stages (known, but not in the configured order): they run after the others
         chosen = [s.strip() for s in selection.split(",") if s.strip()]
         for s in chosen:
-            if s not in order: raise NotFoundError("stage", s, order)
-        chosen = [s for s in order if s in chosen]
+            if s not in STAGES: raise NotFoundError("stage", s, order + [s for s in STAGES if s not in order])
+        chosen = [s for s in order if s in chosen] + [s for s in chosen if s not in order]
     if not chosen: raise ParameterError(f"stage selection {selection!r} selects nothing")
     return [STAGES[s] for s in chosen]
 
