@@ -22,6 +22,7 @@ def train_cmd(p:TrainParams):
     "Train a model on a dataset version; the run (checkpoint, metrics, reproducibility record) goes to the store."
     from cvops.train import train
     run = train(p, progress=sys.stderr.isatty())
+    if run is None: return  # another process of a multi-process (DDP) run: rank 0 reports
     m = run.metrics
     click.echo(f"run {run.id}: {run.backbone} on {run.dataset}@{run.dataset_version}, {m.get('epochs')} epochs, "
                f"val_accuracy {m.get('val_accuracy', float('nan')):.4f}, val_loss {m.get('val_loss', float('nan')):.4f}, "

@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from .config import ProjectConfig, load_config
 from .errors import CvopsError, ImageError
-from .preprocess import load_image, sniff_format
+from .preprocess import sniff_format, verify_image
 from .store import project_store, sha256_bytes
 from .db import (DEFAULT_FRACTIONS, DatasetParams, SPLITS, _DB, check_dataset_name, check_fractions, close_db, declare_sample_fields,
                       fiftyone_db, fiftyone_dir, list_datasets, media_path, open_dataset, split_for)
@@ -169,7 +169,7 @@ def _prepare(item:SourceItem, known:dict, media_root:Path) -> tuple[str|None, st
     if problem is None and exp and exp != sha:
         problem = f"bytes do not match the capture sidecar's sha256 ({str(exp)[:12]}…)"
     if problem is None:
-        try: size = load_image(data).size
+        try: size = verify_image(data)  # truncation and corruption caught without decoding every pixel
         except ImageError as e: problem = str(e)
         else: ext = _EXT.get(sniff_format(data), ext)
     _write_media(media_root / sha[:2] / f"{sha}.{ext}", data)  # quarantined bytes are kept too

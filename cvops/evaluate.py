@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'calibration_bins', 'classification_metrics', 'confusion_png', 'reliability_png', 'EvaluateParams',
-           'Evaluation', 'eval_key', 'predict_split', 'write_fiftyone', 'evaluate', 'load_evaluation',
+           'Evaluation', 'eval_key', 'predict_split', 'predict_cached', 'write_fiftyone', 'evaluate', 'load_evaluation',
            'list_evaluations']
 
 # %% ../nbs/21_evaluate.ipynb #836454e5
@@ -136,6 +136,21 @@ def predict_split(model, x, batch_size:int=128) -> np.ndarray:
         for i in range(0, len(x), batch_size): out.append(model(x[i:i + batch_size]).float())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
 
+def predict_cached(model,              # eval mode, on CPU
+                   ds,                 # a `cvops.loader.CachedImages` (uint8 pixels from the image cache)
+                   spec,               # the run's `PreprocessSpec` (its mean and std)
+                   batch_size:int=128, # images per forward pass
+                  ) -> np.ndarray:     # logits (N, classes)
+    "Logits of `model` for a cached split, read and normalised a batch at a time (memory stays flat)."
+    import torch
+    from cvops.loader import normalize_batch
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(ds), batch_size):
+            x = normalize_batch(torch.from_numpy(ds.cache.read(range(i, min(i + batch_size, len(ds))))), spec.mean, spec.std)
+            out.append(model(x.contiguous()).float())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+
 def write_fiftyone(version, split:str, shas:list[str], classes:list[str], logits:np.ndarray, key:str,
                    cfg:ProjectConfig) -> dict:
     "Write `predictions` on the split's samples of the version's FiftyOne view and run `evaluate_classifications`."
@@ -191,7 +206,7 @@ def evaluate(run_id:str|None="latest",        # training run id, or 'latest' (No
             ) -> Evaluation:
     "Evaluate a run on a dataset version's split; store metrics and plots; write predictions into FiftyOne."
     from cvops.data import load_version
-    from cvops.tasks import decode_split
+    from cvops.loader import split_dataset
     mode = wandb_mode(wandb)  # a bad mode fails before any work
     cfg = cfg or load_config()
     store = project_store(store, cfg)
@@ -201,9 +216,10 @@ def evaluate(run_id:str|None="latest",        # training run id, or 'latest' (No
         counts = {k: sum(v.values()) for k, v in version.counts.items()}
         raise CvopsError(f"dataset version {version.id} has no {split!r} images; images per split: {counts}")
     model, classes, spec = load_model(run.id, store)
-    x, y, shas = decode_split(version, split, store, spec, classes)
-    logits = predict_split(model, x, batch_size)
-    metrics, confusion, cal = classification_metrics(y.numpy(), softmax(logits), classes)
+    ds = split_dataset(version, split, store, spec, cfg.home_dir / "cache" / "images", classes)  # training's cache and path
+    y, shas = ds.labels, [s.sha256 for s in version.split(split)]
+    logits = predict_cached(model, ds, spec, batch_size)
+    metrics, confusion, cal = classification_metrics(y, softmax(logits), classes)
     title = f"{run.id} on {version.id}/{split}"
     pngs = dict(confusion=confusion_png(confusion, classes, title), reliability=reliability_png(cal, split))
     blobs, files = _store_plots(pngs, _plot_dir(cfg, run.id, version.id, split), store)

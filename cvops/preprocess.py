@@ -16,7 +16,7 @@ from .errors import CvopsError, ImageError, ImageTooLargeError, UnsupportedImage
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'DRAFT_MARGIN', 'PreprocessSpec', 'load_image', 'to_rgb',
            'sniff_format', 'decode_resized', 'resize_to', 'normalize', 'to_input', 'preprocess_bytes', 'image_stats',
-           'softmax']
+           'softmax', 'verify_image']
 
 # %% ../nbs/03_preprocess.ipynb #a27c4df8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -147,3 +147,39 @@ def softmax(logits:np.ndarray, # (batch, classes) raw model outputs
     "Row-wise softmax, stable for large logits."
     z = np.asarray(logits, np.float64); z = np.exp(z - z.max(axis=1, keepdims=True))
     return z / z.sum(axis=1, keepdims=True)
+
+# %% ../nbs/03_preprocess.ipynb #7d763a73
+import struct
+
+_EXIF_ORIENTATION, _TURNED = 0x0112, (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+def verify_image(data:bytes,                # encoded image bytes
+                 max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
+                 formats:tuple[str,...]|None=None, # accepted Pillow formats; None: any
+                ) -> tuple[int, int]:        # the upright (width, height)
+    "Check untrusted bytes are a whole, readable image without decoding all its pixels, or raise `ImageError` as `load_image` would."
+    if not data: raise ImageError("empty image: the body has no bytes")
+    fmt = sniff_format(data)
+    if fmt not in ("PNG", "JPEG"): return load_image(data, max_pixels, formats).size  # no cheaper check: decode it all
+    try:
+        img = Image.open(io.BytesIO(data))
+        if formats is not None and img.format not in formats:
+            raise UnsupportedImageError(f"unsupported image format {img.format}; accepted: {', '.join(formats)}")
+        w, h = img.size
+        if w * h > max_pixels: raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
+        if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
+        try: turned = (img.getexif() if fmt == "JPEG" or "exif" in img.info else {}).get(_EXIF_ORIENTATION) in _TURNED
+        except Exception: turned = False  # a broken EXIF block does not make the pixels unusable (as in `to_rgb`)
+        if fmt == "PNG": img.verify()  # every chunk read and its CRC checked, through IEND: truncation shows
+        else:
+            if data.find(b"\xff\xd9", max(data.find(b"\xff\xda"), 0)) < 0: raise ImageError("corrupt or truncated image: no JPEG end-of-image marker")
+            img.draft("RGB", (1, 1)); img.load()  # all entropy-coded data decoded at 1/8 scale: corrupt or short data fails
+    except ImageError: raise
+    except UnidentifiedImageError: raise ImageError("not an image: the bytes are not in a known image format") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageTooLargeError(f"image too large (decompression bomb guard): {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ImageError(f"corrupt or truncated image: {e}") from None
+    return (h, w) if turned else (w, h)
+
+

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 from .errors import CvopsError, NotFoundError
-from .preprocess import PreprocessSpec, decode_resized, normalize
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec, decode_resized, normalize
+from .loader import as_batch, normalize_batch, split_dataset
 from .train import TORCHVISION_BACKBONES
 
 log = logging.getLogger(__name__)
@@ -108,31 +109,35 @@ def decode_split(version,            # a `cvops.data.DatasetVersion`
 
 # %% ../nbs/22_tasks.ipynb #d9f7b3ff
 class VersionDataModule(L.LightningDataModule):
-    "Batches of one dataset version, decoded once into memory with the shared preprocessing."
+    "Batches of one dataset version as uint8 pixels, read from its image cache (decoded once per version and size)."
     def __init__(self, version, store, spec:PreprocessSpec, batch_size:int=32, seed:int=0, num_workers:int=0,
-                 train_split:str="train", val_split:str="val", limit:int|None=None):
+                 train_split:str="train", val_split:str="val", limit:int|None=None,
+                 cache_dir:str|Path|None=None, # the image cache folder (default: `<home>/cache/images` of the project)
+                 pin_memory:bool=False):       # page-locked batches (fast, asynchronous copies to a CUDA device)
         super().__init__()
         self.version, self.store, self.spec = version, store, spec
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
         self.train_split, self.val_split, self.limit = train_split, val_split, limit
+        self.cache_dir, self.pin_memory = cache_dir, pin_memory
         self.classes = list(version.classes)
-        self.data: dict[str, tuple] = {}
+        self.data: dict[str, torch.utils.data.Dataset] = {}
 
     def setup(self, stage:str|None=None):
-        "Decode the train and validation splits (once; later calls reuse them)."
+        "Open the train and validation splits over their caches, decoding a split the first time (later calls reuse it)."
+        if self.cache_dir is None:
+            from cvops.config import load_config
+            self.cache_dir = load_config().home_dir / "cache" / "images"
         for split in (self.train_split, self.val_split):
             if split in self.data: continue
             if not self.version.split(split):
                 counts = {k: sum(v.values()) for k, v in (self.version.counts or {}).items()}
                 raise CvopsError(f"dataset version {self.version.id} has no {split!r} images; splits: {counts}")
-            x, y, sha = decode_split(self.version, split, self.store, self.spec, self.classes)
-            if self.limit: x, y, sha = x[:self.limit], y[:self.limit], sha[:self.limit]
-            self.data[split] = (x, y, sha)
+            self.data[split] = split_dataset(self.version, split, self.store, self.spec, self.cache_dir, self.classes, self.limit)
 
     def _loader(self, split:str, train:bool) -> torch.utils.data.DataLoader:
-        x, y, _ = self.data[split]
-        ds = torch.utils.data.TensorDataset(x, y)
+        ds = self.data[split]
         return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
+                                           collate_fn=as_batch, pin_memory=self.pin_memory,
                                            drop_last=train and len(ds) > self.batch_size,  # no size-1 BatchNorm batch
                                            generator=torch.Generator().manual_seed(self.seed) if train else None,
                                            persistent_workers=self.num_workers > 0)
@@ -140,12 +145,14 @@ class VersionDataModule(L.LightningDataModule):
     def train_dataloader(self): return self._loader(self.train_split, True)
     def val_dataloader(self): return self._loader(self.val_split, False)
 
+
 # %% ../nbs/22_tasks.ipynb #133fcaac
 class ImageClassifier(L.LightningModule):
     "Image classification over a named backbone; input float32 NCHW from the shared preprocessing, output logits."
     def __init__(self, backbone:str="resnet18", classes:tuple[str,...]=("a", "b"), lr:float=3e-3,
                  weight_decay:float=0.05, optimizer:str="adamw", scheduler:str="onecycle", label_smoothing:float=0.0,
-                 augment:bool=True, seed:int=0, channels_last:bool=False, weights:str|None=None):
+                 augment:bool=True, seed:int=0, channels_last:bool=False, weights:str|None=None,
+                 mean:tuple[float,float,float]=IMAGENET_MEAN, std:tuple[float,float,float]=IMAGENET_STD):
         super().__init__()
         self.save_hyperparameters()
         self.classes = list(classes)
@@ -160,13 +167,22 @@ class ImageClassifier(L.LightningModule):
         if self.hparams.channels_last: x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx:int=0):
+        "uint8 (N, S, S, 3) batches are normalised here, on the device; float batches pass as they are."
+        x, y = batch
+        if x.dtype == torch.uint8:
+            x = normalize_batch(x, self.hparams.mean, self.hparams.std)
+            x = x.contiguous(memory_format=torch.channels_last if self.hparams.channels_last else torch.contiguous_format)
+        return x, y
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         if self.hparams.augment: x = augment_batch(x, self._gen)
         logits = self(x)
         loss = F.cross_entropy(logits, y, label_smoothing=self.hparams.label_smoothing)
         acc = (logits.argmax(1) == y).float().mean()
-        self.log_dict({"train_loss": loss, "train_accuracy": acc}, on_step=False, on_epoch=True, batch_size=len(y))
+        self.log_dict({"train_loss": loss, "train_accuracy": acc}, on_step=False, on_epoch=True, batch_size=len(y),
+                      sync_dist=True)  # averaged over ranks once per epoch (a no-op on one device)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -183,7 +199,7 @@ class ImageClassifier(L.LightningModule):
         k = len(self.classes)
         conf = torch.bincount(y * k + pred, minlength=k * k).reshape(k, k)
         self.last_val = dict(logits=logits.cpu(), target=y.cpu(), confusion=conf.cpu())
-        self.log_dict({"val_loss": loss, "val_accuracy": (pred == y).float().mean()}, sync_dist=False)
+        self.log_dict({"val_loss": loss, "val_accuracy": (pred == y).float().mean()}, sync_dist=False)  # already gathered
 
     def configure_optimizers(self):
         h = self.hparams

@@ -92,7 +92,7 @@ class TrainParams(Params):
     num_nodes: int = Field(1, ge=1, description="machines for multi-node training")
     precision: Precision = Field("auto", description="auto (bf16/16-mixed on GPU, 32-true on CPU) or a Lightning precision")
     channels_last: bool|None = Field(None, description="channels-last memory format (default: on GPU)")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers (0 is fastest for in-memory data)")
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes reading the image cache (0: the main process)")
     deterministic: bool = Field(True, description="deterministic algorithms (reproducible metrics)")
     wandb: Literal["offline", "online", "disabled"]|None = Field(None, description="W&B mode (default: WANDB_MODE or offline)")
     wandb_project: str = Field("cvops", min_length=1, description="W&B project name")
@@ -194,6 +194,7 @@ class TrainRun(BaseModel):
     wandb_dir: str|None = None
     log_file: str|None = None
     seconds: float|None = None
+    world_size: int = 1  # processes that trained it (devices × nodes)
 
     @property
     def spec(self) -> PreprocessSpec: return PreprocessSpec(**self.preprocess)
@@ -352,15 +353,17 @@ def _resolve_version(p:TrainParams, version, store, cfg):
     from cvops.data import load_version
     return load_version(p.dataset_version, dataset=p.dataset or cfg.dataset, store=store, cfg=cfg)
 
-def _build(p:TrainParams, version, store, spec:PreprocessSpec, channels_last:bool) -> tuple:
-    "The task's data module (images decoded once) and Lightning module for `p`."
+def _build(p:TrainParams, version, store, spec:PreprocessSpec, channels_last:bool, cache_dir:Path, pin_memory:bool) -> tuple:
+    "The task's data module (over the version's image cache, decoded on first use) and Lightning module for `p`."
     from cvops.tasks import TASKS
     module_cls, data_cls = TASKS[p.task]
-    dm = data_cls(version, store, spec, batch_size=p.batch_size, seed=p.seed, num_workers=p.num_workers, limit=p.limit)
+    dm = data_cls(version, store, spec, batch_size=p.batch_size, seed=p.seed, num_workers=p.num_workers, limit=p.limit,
+                  cache_dir=cache_dir, pin_memory=pin_memory)
     dm.setup("fit")
     module = module_cls(backbone=p.backbone, classes=tuple(version.classes), lr=p.lr, weight_decay=p.weight_decay,
                         optimizer=p.optimizer, scheduler=p.scheduler, label_smoothing=p.label_smoothing,
-                        augment=p.augment, seed=p.seed, channels_last=channels_last, weights=p.weights)
+                        augment=p.augment, seed=p.seed, channels_last=channels_last, weights=p.weights,
+                        mean=spec.mean, std=spec.std)
     return dm, module
 
 def _wandb_logger(p:TrainParams, run_id:str, record:dict, cfg:ProjectConfig):
@@ -376,15 +379,15 @@ def _wandb_logger(p:TrainParams, run_id:str, record:dict, cfg:ProjectConfig):
 # %% ../nbs/20_train.ipynb #db0cc62f
 def _log_wandb_extras(logger, module, dm, spec:PreprocessSpec, n:int=16):
     "A confusion matrix and a table of sample validation predictions, on the W&B run."
-    import numpy as np, torch, wandb
+    import torch, wandb
     v = module.last_val
     if not v: return
     classes = module.classes
     y, logits = v["target"], v["logits"]
     prob = torch.softmax(logits, 1)
     conf, pred = prob.max(1)
-    x = dm.data[dm.val_split][0][:n].numpy()
-    imgs = np.clip((x.transpose(0, 2, 3, 1) * np.array(spec.std) + np.array(spec.mean)) * 255, 0, 255).astype(np.uint8)
+    val = dm.data[dm.val_split]
+    imgs = val.cache.read(range(min(n, len(val))))  # uint8 pixels, as the model saw them before normalising
     table = wandb.Table(columns=["image", "label", "prediction", "confidence", "correct"])
     for i in range(len(imgs)):
         table.add_data(wandb.Image(imgs[i]), classes[y[i]], classes[pred[i]], float(conf[i]), bool(y[i] == pred[i]))
@@ -418,7 +421,7 @@ def train(params:TrainParams|dict|None=None, # parameters (a `TrainParams`, or a
           cfg:ProjectConfig|None=None,        # project config (default: `load_config()`)
           progress:bool=False,                # show Lightning's progress bar
           **kwargs,                           # parameters as keywords, e.g. `epochs=3`
-         ) -> TrainRun:                       # the recorded run
+         ) -> TrainRun|None:                  # the recorded run (None in the other processes of a multi-process run)
     "Train a model on a dataset version and record the run (checkpoint in the store, W&B run and log file on disk)."
     p = _train_params(params, kwargs)
     cfg = cfg or load_config()
@@ -433,7 +436,8 @@ def train(params:TrainParams|dict|None=None, # parameters (a `TrainParams`, or a
     run_id, t_start = _new_run_id(p.backbone), time.perf_counter()
     with training_log(cfg.home_dir / "logs" / f"train-{run_id}.log") as log_file:
         L.seed_everything(p.seed, workers=True, verbose=False)
-        dm, module = _build(p, version, store, spec, _channels_last(p, opts, cuda))
+        on_gpu = cuda and opts["accelerator"] in ("auto", "gpu", "cuda")
+        dm, module = _build(p, version, store, spec, _channels_last(p, opts, cuda), cfg.home_dir / "cache" / "images", on_gpu)
         record = dict(id=run_id, seed=p.seed, task=p.task, params=p.model_dump(), dataset=version.dataset,
                       dataset_version=version.id, classes=list(version.classes), preprocess=spec.model_dump(),
                       backbone=p.backbone, git=git_state(), packages=package_versions(), hardware=hardware(),
@@ -444,13 +448,14 @@ def train(params:TrainParams|dict|None=None, # parameters (a `TrainParams`, or a
                             log_every_n_steps=1, default_root_dir=str(cfg.home_dir / "lightning"))
         try:
             trainer.fit(module, datamodule=dm)
-            if not trainer.is_global_zero: return None
+            if not trainer.is_global_zero: return None  # rank 0 alone writes the checkpoint, the W&B extras and the run
             ckpt, metrics = _save_checkpoint(module, p, version, spec, store), _final_metrics(history.rows)
             wandb_dir = _finish_wandb(logger, module, dm, spec, ckpt, metrics)
         finally:
             if logger and getattr(logger, "_experiment", None) is not None: logger.experiment.finish()
         run = TrainRun(**record, created=utc_now(), checkpoint=ckpt, metrics=metrics, history=history.rows,
-                       wandb_dir=wandb_dir, log_file=str(log_file), seconds=round(time.perf_counter() - t_start, 3))
+                       wandb_dir=wandb_dir, log_file=str(log_file), seconds=round(time.perf_counter() - t_start, 3),
+                       world_size=trainer.world_size)
         store.write_json(f"runs/{run_id}.json", run.model_dump(mode="json"))
         log.info("run %s: val_accuracy %.4f after %d epochs", run_id, metrics.get("val_accuracy", float("nan")), len(history.rows))
     return run

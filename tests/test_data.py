@@ -172,6 +172,61 @@ def test_mixed_folder_gives_exact_counts(cfg, tmp_path):
     assert len(again.conflicts) == 1                                                  # still reported
 
 
+def _encoded(side, fmt, seed=0, **save):
+    "A photo-like image (smooth gradient + noise) of `side` px, encoded."
+    import io
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 200, side, dtype=np.float32)
+    a = np.clip(ramp[:, None, None] + ramp[None, :, None] * 0.2 + rng.normal(0, 20, (side, side, 3)), 0, 255).astype(np.uint8)
+    buf = io.BytesIO(); Image.fromarray(a).save(buf, fmt, **save); return buf.getvalue()
+
+
+def test_truncated_corrupt_and_bomb_images_are_quarantined(tmp_path):
+    "The fast check (PNG chunk CRCs, JPEG end marker + 1/8-scale decode) still quarantines every cut, flip and bomb."
+    import struct
+    import zlib
+    from cvops.data import ingest
+    src = tmp_path / "cuts"
+    expect = {}
+    for fmt, ext in (("PNG", "png"), ("JPEG", "jpg")):
+        for side in (24, 160, 900):
+            data = _encoded(side, fmt, seed=side)
+            (src / "ok").mkdir(parents=True, exist_ok=True)
+            (src / "ok" / f"{side}.{ext}").write_bytes(data)
+            for frac in (0.05, 0.5, 0.97):  # header only, half, the last few bytes missing
+                p = f"cut/{side}-{frac}.{ext}"
+                (src / p).parent.mkdir(parents=True, exist_ok=True)
+                (src / p).write_bytes(data[:int(len(data) * frac)])
+                expect[p] = "truncated"
+    png = _encoded(64, "PNG")
+    flipped = bytearray(png); flipped[len(png) // 2] ^= 0xFF  # one byte inside IDAT: its CRC no longer matches
+    (src / "bad").mkdir()
+    (src / "bad" / "crc.png").write_bytes(bytes(flipped)); expect["bad/crc.png"] = "corrupt"
+    ihdr = b"IHDR" + struct.pack(">II", 9000, 9000) + png[24:29]  # 81 MP claimed by the header: refused unread
+    (src / "bad" / "bomb.png").write_bytes(png[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + png[33:])
+    expect["bad/bomb.png"] = "too large"
+    jpg = _encoded(256, "JPEG")
+    (src / "bad" / "noeoi.jpg").write_bytes(jpg[:-2]); expect["bad/noeoi.jpg"] = "truncated"
+    rep = ingest(src, name(), progress=False)
+    reasons = {q.path: q.reason for q in rep.quarantined}
+    assert set(reasons) == set(expect), sorted(set(reasons) ^ set(expect))
+    for p, word in expect.items(): assert word in reasons[p], (p, reasons[p])
+    assert rep.added == 6 and rep.seen == 6 + len(expect)
+
+
+def test_verify_image_sizes_match_a_full_decode():
+    "The upright size the fast check reports is the one a full decode gives (EXIF rotation included)."
+    from cvops.preprocess import load_image, verify_image
+    exif = Image.Exif(); exif[0x0112] = 6  # rotated 90°: width and height swap
+    rect = Image.fromarray(__import__("numpy").zeros((40, 70, 3), "uint8"))
+    import io
+    for fmt, kw in (("PNG", {}), ("JPEG", {}), ("JPEG", {"exif": exif.tobytes()}), ("WEBP", {})):
+        buf = io.BytesIO(); rect.save(buf, fmt, **kw); data = buf.getvalue()
+        assert verify_image(data) == load_image(data).size, (fmt, kw)
+    assert verify_image(_encoded(64, "JPEG")) == (64, 64)
+
+
 def test_invalid_file_under_two_class_folders_is_quarantined_twice(tmp_path):
     "Validity before deduplication: each copy of a bad file is quarantined with its reason, never a label conflict."
     from cvops.data import ingest, open_dataset

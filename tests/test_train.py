@@ -170,3 +170,24 @@ def test_multi_device_options_build_a_trainer(raw):
     assert trainer.num_devices == int(raw["devices"])
     assert type(trainer.strategy).__name__ == {"ddp": "DDPStrategy", "ddp_spawn": "DDPStrategy", "auto": "SingleDeviceStrategy"}[raw["strategy"]]
     if raw.get("precision"): assert trainer.precision == raw["precision"]
+
+
+def test_cli_ddp_two_processes(project):
+    "`cvops train --strategy ddp --devices 2 --accelerator cpu`: two gloo processes, rank 0 alone reports and records."
+    store = project["store"]
+    runs_before = set(store.list_docs("runs"))
+    blobs = lambda: {p.name for p in (project["root"] / "store" / "objects").rglob("*") if p.is_file()}
+    blobs_before = blobs()
+    r = run_cli("train", "--dataset-version", project["version"].id, "--strategy", "ddp", "--devices", "2",
+                "--accelerator", "cpu", "--image-size", "32", "--epochs", "1", "--limit", "32", "--batch-size", "8",
+                "--backbone", "mobilenet_v3_small", "--wandb", "disabled", timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr and r.stderr == "", r.stderr  # no rank fails or talks, not even after the fit
+    assert sum(l.startswith("run ") for l in r.stdout.splitlines()) == 1, r.stdout  # rank 1 prints nothing
+    new = set(store.list_docs("runs")) - runs_before
+    assert len(new) == 1, new
+    from cvops.train import TrainRun
+    run = TrainRun(**store.read_json(new.pop()))
+    assert run.world_size == 2 and run.metrics["epochs"] == 1, run
+    assert {"train_loss", "train_accuracy", "val_loss", "val_accuracy"} <= set(run.metrics), run.metrics
+    assert blobs() - blobs_before == {run.checkpoint}  # one checkpoint, written once (by rank 0)
