@@ -462,7 +462,7 @@ def test_schemathesis_finds_no_server_errors(gw, tmp_path):
                         "--seed", "1", "-H", f"X-API-Key: {KEY}", "--request-timeout", "20", "--workers", "1"],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert "/v1/predict" in r.stdout
+    assert "No issues found" in r.stdout, r.stdout[-3000:]  # (with several models the summary no longer names each route)
 
 
 # -- CLI ------------------------------------------------------------------------------------------
