@@ -13,7 +13,15 @@ asyncio + uvloop at 16) in this process; each gateway runs in its own. All share
 beside a server would, and all paths are measured in interleaved rounds so that load from other processes (this
 machine is shared) falls on each of them alike.
 
-    .venv/bin/python bench/serve.py [--backbone mobilenet_v3_small] [--size 64] [--rounds 6] [--block 100]
+- against peers, all driven by the same compiled load generator (`hey`, started by the bench): a naive FastAPI +
+  ONNX Runtime app and LitServe 0.2.19 in its batched config (max_batch 8, 10 ms, fast_queue; JSON base64 body, as
+  LitServe takes it) serving the same ONNX model, and the cvops gateway, on a 64 px JPEG and a 12 MP phone-size
+  JPEG (4032 × 3024, generated); gateway → Triton against a direct tritonclient call to the same Triton; and
+  reduced-scale JPEG decoding against full decoding on held-out large photos (top-1 agreement, printed).
+
+    .venv/bin/python bench/serve.py [--backbone mobilenet_v3_small] [--size 64] [--rounds 6] [--block 100] [--only-peers]
+
+The machine may be shared with other work: figures are as measured, under whatever load there was (printed).
 """
 from __future__ import annotations
 
@@ -35,9 +43,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from serve_helpers import Gateway, make_bundle, make_images  # noqa: E402
+from serve_helpers import Gateway, draft_agreement, encode, free_port, large_photos, make_bundle, make_images  # noqa: E402
 
-TARGETS = {"overhead_ms": 1.0, "throughput_ratio": 1.3, "triton_ratio": 1.5, "rss_mb": 250.0}
+TARGETS = {"overhead_ms": 1.0, "throughput_ratio": 1.3, "triton_ratio": 1.5, "rss_mb": 250.0,
+           # issue 14, against peers
+           "big_vs_naive": 3.0, "big_c1_p50_ms": 40.0, "small_c16_vs_litserve": 1.3, "small_c16_vs_naive": 1.2,
+           "triton_minus_direct_ms": 0.5, "draft_agreement": 0.995}
 
 
 def pct(xs, q): return float(np.percentile(np.asarray(xs) * 1000, q))
@@ -153,6 +164,196 @@ def concurrent_block(port: int, reqs: list[bytes], concurrency: int, total: int)
     return uvloop.run(main())
 
 
+# -- peers, driven by hey ---------------------------------------------------------------
+
+NAIVE_APP = """
+import io, json, sys
+import numpy as np, onnxruntime as ort
+from fastapi import FastAPI, Request
+from PIL import Image
+B = __import__('os').environ['BUNDLE']
+spec = json.load(open(B + '/preprocess.json')); S = spec['size']
+MEAN, STD = np.array(spec['mean'], np.float32), np.array(spec['std'], np.float32)
+CLASSES = open(B + '/labels.txt').read().split()
+sess = ort.InferenceSession(B + '/model.onnx', providers=['CPUExecutionProvider'])
+app = FastAPI()
+@app.post('/predict')
+async def predict(request: Request):
+    img = Image.open(io.BytesIO(await request.body())).convert('RGB').resize((S, S), Image.BILINEAR)
+    x = ((np.asarray(img, np.float32) / 255 - MEAN) / STD).transpose(2, 0, 1)[None]
+    z = sess.run(None, {'input': x})[0][0]; p = np.exp(z - z.max()); p /= p.sum()
+    return {'label': CLASSES[int(p.argmax())], 'score': float(p.max())}
+@app.get('/health')
+async def health(): return {'ok': True}
+"""
+
+LITSERVE_APP = """
+import base64, io, json, os, sys
+import numpy as np, onnxruntime as ort, litserve as ls
+from PIL import Image
+B, PORT = os.environ['BUNDLE'], int(os.environ['PORT'])
+class API(ls.LitAPI):
+    def setup(self, device):
+        spec = json.load(open(B + '/preprocess.json')); self.S = spec['size']
+        self.mean, self.std = np.array(spec['mean'], np.float32), np.array(spec['std'], np.float32)
+        self.classes = open(B + '/labels.txt').read().split()
+        self.sess = ort.InferenceSession(B + '/model.onnx', providers=['CPUExecutionProvider'])
+    def decode_request(self, request):
+        img = Image.open(io.BytesIO(base64.b64decode(request['image']))).convert('RGB').resize((self.S, self.S), Image.BILINEAR)
+        return ((np.asarray(img, np.float32) / 255 - self.mean) / self.std).transpose(2, 0, 1)
+    def batch(self, xs): return np.stack(xs)
+    def predict(self, x): return self.sess.run(None, {'input': x})[0]
+    def unbatch(self, z): return list(z)
+    def encode_response(self, z):
+        p = np.exp(z - z.max()); p /= p.sum()
+        return {'label': self.classes[int(p.argmax())], 'score': float(p.max())}
+if __name__ == '__main__':
+    ls.LitServer(API(max_batch_size=8, batch_timeout=0.01), accelerator='cpu', fast_queue=True).run(port=PORT, log_level='warning')
+"""
+
+
+class Server:
+    "A peer server process on a free loopback port, up when `health` answers 200; stopped by PID."
+    def __init__(self, cmd, health, env=None, log=None):
+        import subprocess
+        self.port = free_port()
+        self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(self.cmd, env={**os.environ, **(env or {}), "PORT": str(self.port)}, start_new_session=True,
+                                     stdout=open(log, "w") if log else subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        import httpx
+        for _ in range(600):
+            if self.proc.poll() is not None: raise RuntimeError(f"{cmd[:3]} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(self.url + health, timeout=0.5).status_code == 200: return
+            except httpx.TransportError: pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{cmd[:3]} not up after 60 s")
+
+    def stop(self):
+        import signal
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try: self.proc.wait(15)
+            except Exception: os.killpg(self.proc.pid, signal.SIGKILL)
+
+
+def hey(url: str, body: Path, ctype: str, n: int, c: int) -> dict:
+    "Run hey (Debian's Go load generator): requests/s, p50/p99 ms, and any non-200 answers."
+    import subprocess
+    out = subprocess.run(["/usr/bin/hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", ctype, "-D", str(body), "-disable-compression", url],
+                         capture_output=True, text=True, timeout=600).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    q = {int(m.group(1)): float(m.group(2)) * 1000 for m in re.finditer(r"(\d+)%+ in ([\d.]+) secs", out)}
+    codes = {m.group(1): int(m.group(2)) for m in re.finditer(r"\[(\d+)\]\s+(\d+) responses", out)}
+    return {"req_s": rps, "p50_ms": q.get(50), "p99_ms": q.get(99), "codes": codes}
+
+
+def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int) -> dict:
+    "Every server on both payloads, one after the other (each alone on the machine while measured)."
+    import base64
+    from PIL import Image
+    small = encode(Image.open(next((tmp / "images").rglob("*.png"))).convert("RGB"), "JPEG", quality=90)
+    big = large_photos(1, size=(4032, 3024), seed=5, quality=92)[0]
+    files = {}
+    for name, data in (("small", small), ("big", big)):
+        (tmp / f"{name}.jpg").write_bytes(data)
+        (tmp / f"{name}.json").write_text(json.dumps({"image": base64.b64encode(data).decode()}))
+        files[name] = {"jpeg": (tmp / f"{name}.jpg", "image/jpeg"), "json": (tmp / f"{name}.json", "application/json")}
+    (tmp / "naive_app.py").write_text(NAIVE_APP); (tmp / "lit_app.py").write_text(LITSERVE_APP)
+    py, env = sys.executable, {"BUNDLE": str(bundle), "OMP_WAIT_POLICY": "PASSIVE"}
+    servers = {
+        "naive FastAPI + ORT": (lambda: Server([py, "-m", "uvicorn", "naive_app:app", "--port", "{port}", "--log-level", "warning", "--app-dir", str(tmp)],
+                                               "/health", env, tmp / "naive.log"), "/predict", "jpeg"),
+        "LitServe batched": (lambda: Server([py, str(tmp / "lit_app.py")], "/health", env, tmp / "lit.log"), "/predict", "json"),
+        "cvops gateway": (lambda: Server([str(Path(py).parent / "cvops"), "serve", "--model-dir", str(bundle), "--port", "{port}"],
+                                         "/readyz", {"CVOPS_HOME": str(tmp / "home")}, tmp / "cvops.log"), "/v1/predict", "jpeg"),
+    }
+    out = {"payload_bytes": {"small": len(small), "big": len(big)}, "servers": {}}
+    for name, (start, path, kind) in servers.items():
+        try: s = start()
+        except RuntimeError as e:
+            out["servers"][name] = {"error": str(e)}; print(f"  {name}: {e}", flush=True); continue
+        try:
+            r = {}
+            for payload, n, cs in (("small", small_n, (1, 16)), ("big", big_n, (1, 4))):
+                body, ctype = files[payload][kind]
+                hey(s.url + path, body, ctype, max(20, n // 10), cs[-1])  # warm-up
+                for c in cs: r[f"{payload}_c{c}"] = hey(s.url + path, body, ctype, n if c > 1 else max(20, n // 4), c)
+            if name == "cvops gateway": r["rss_mb"] = int(Path(f"/proc/{s.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
+            out["servers"][name] = r
+            print(f"  {name}: " + ", ".join(f"{k} {v['req_s']:.0f} req/s p50 {v['p50_ms']:.1f} ms" for k, v in r.items() if isinstance(v, dict)), flush=True)
+        finally: s.stop()
+    return out
+
+
+def triton_direct_figures(bundle: Path, tmp: Path, jpegs: list[bytes], n: int) -> dict:
+    "p50 of a direct tritonclient.http call to Triton (the preprocessed tensor) and of the gateway → the same Triton (the JPEG)."
+    import tritonclient.http as th
+    from cvops.preprocess import preprocess_bytes
+    from cvops.bundle import ModelBundle
+    from cvops.triton import TritonServer, build_repository
+    spec = ModelBundle.load(bundle).spec
+    build_repository(bundle, tmp / "repo-direct", "shapes", 1, variant="python")
+    with TritonServer(tmp / "repo-direct", log_file=tmp / "triton-direct.log") as ts, \
+         Gateway("--model-dir", bundle, "--backend", "triton", "--triton-url", ts.http_url, env={"CVOPS_HOME": str(tmp / "home")}) as g:
+        c = th.InferenceServerClient(ts.http_url.removeprefix("http://"))
+        gc = SyncClient(g.port)
+        reqs = requests_for(jpegs)
+        direct, via = [], []
+        for i in range(n + 20):
+            t0 = time.perf_counter()
+            x = preprocess_bytes(jpegs[i % len(jpegs)], spec)[None]  # the client decodes too: same work as the gateway's
+            inp = th.InferInput("input", list(x.shape), "FP32"); inp.set_data_from_numpy(x, binary_data=True)
+            c.infer("shapes", [inp], model_version="1", outputs=[th.InferRequestedOutput("logits", binary_data=True)])
+            t1 = time.perf_counter(); gc.call(reqs[i % len(reqs)]); t2 = time.perf_counter()
+            if i >= 20: direct.append(t1 - t0); via.append(t2 - t1)
+        c.close(); gc.close()
+    return {"direct_tritonclient_p50_ms": pct(direct, 50), "gateway_p50_ms": pct(via, 50), "difference_ms": pct(via, 50) - pct(direct, 50)}
+
+
+def draft_figures(tmp: Path, pngs, n: int) -> dict:
+    "Top-1 agreement of reduced-scale with full JPEG decoding on held-out large photos (a resnet18: its logits respond to the input)."
+    rn = make_bundle(tmp / "resnet", pngs, backbone="resnet18")
+    return draft_agreement(rn, large_photos(n, size=(1024, 768), seed=11))
+
+
+def peers_main(a, tmp, bundle, pngs, jpegs, res):
+    print("peers (hey):", flush=True)
+    res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests)
+    if not a.no_triton:
+        res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
+    res["draft"] = draft_figures(tmp, pngs, a.draft_photos)
+    S, rows = res["peers"]["servers"], []
+    get = lambda s, k, f: S.get(s, {}).get(k, {}).get(f)
+    cv, nv, ls_ = "cvops gateway", "naive FastAPI + ORT", "LitServe batched"
+    def ratio(x, y): return x / y if x and y else None
+    rows.append(("12 MP JPEG c4 req/s: cvops ÷ naive", ratio(get(cv, "big_c4", "req_s"), get(nv, "big_c4", "req_s")), "≥ 3×", TARGETS["big_vs_naive"], "ge"))
+    rows.append(("12 MP JPEG c1 p50 ms, cvops", get(cv, "big_c1", "p50_ms"), "≤ 40 ms", TARGETS["big_c1_p50_ms"], "le"))
+    rows.append(("64 px JPEG c16 req/s: cvops ÷ LitServe", ratio(get(cv, "small_c16", "req_s"), get(ls_, "small_c16", "req_s")), "≥ 1.3×", TARGETS["small_c16_vs_litserve"], "ge"))
+    rows.append(("64 px JPEG c16 req/s: cvops ÷ naive", ratio(get(cv, "small_c16", "req_s"), get(nv, "small_c16", "req_s")), "≥ 1.2×", TARGETS["small_c16_vs_naive"], "ge"))
+    rows.append(("64 px JPEG c1 p50: cvops − naive (ms)", (get(cv, "small_c1", "p50_ms") or 0) - (get(nv, "small_c1", "p50_ms") or 0), "≤ 0 ms", 0.0, "le"))
+    if "triton_direct" in res:
+        rows.append(("gateway→Triton p50 − direct tritonclient p50 (ms)", res["triton_direct"]["difference_ms"], "≤ 0.5 ms", TARGETS["triton_minus_direct_ms"], "le"))
+    rows.append(("reduced-scale vs full decoding, top-1 agreement", res["draft"]["agreement"], "≥ 99.5 %", TARGETS["draft_agreement"], "ge"))
+    rows.append(("gateway RSS MB (one model)", S.get(cv, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
+    print("\n{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}".format("server", "64px c1", "p50 ms", "64px c16", "12MP c1", "p50 ms", "12MP c4"))
+    for name, r in S.items():
+        if "error" in r: print(f"{name:<20} {r['error']}"); continue
+        print(f"{name:<20} {r['small_c1']['req_s']:>10.0f} {r['small_c1']['p50_ms']:>10.1f} {r['small_c16']['req_s']:>10.0f} "
+              f"{r['big_c1']['req_s']:>10.1f} {r['big_c1']['p50_ms']:>10.1f} {r['big_c4']['req_s']:>10.1f}")
+    d = res["draft"]
+    print(f"\nreduced-scale decoding on {d['n']} held-out 1024x768 photos: agreement {d['agreement']:.1%} ({d['flipped']} flipped, top-2 gap of "
+          f"those ≤ {d['flipped_top2_gap_max']:.2e}, median gap {d['top2_gap_median']:.2e}); pixels differ by {d['pixel_mean_abs_diff']:.3f} on average")
+    print("\n{:<52} {:>10}  {:<10}".format("measure (issue 14)", "measured", "target"))
+    res["peer_summary"] = {}
+    for name, val, target, lim, how in rows:
+        ok = None if val is None else (val >= lim if how == "ge" else val <= lim)
+        res["peer_summary"][name] = {"measured": val, "target": target, "met": ok}
+        shown = "n/a" if val is None else f"{val:.3f}"
+        print(f"{name:<52} {shown:>10}  {target:<10}{'' if ok is None else ('  ok' if ok else '  MISSED')}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="mobilenet_v3_small")
@@ -161,6 +362,11 @@ def main():
     ap.add_argument("--block", type=int, default=100, help="requests per concurrency-1 block (x4 per concurrency-16 block)")
     ap.add_argument("--concurrency", type=int, default=16)
     ap.add_argument("--no-triton", action="store_true")
+    ap.add_argument("--only-peers", action="store_true", help="only the peer comparison, the Triton difference and the decoding agreement")
+    ap.add_argument("--no-peers", action="store_true", help="skip the peer comparison")
+    ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 (a quarter at 1)")
+    ap.add_argument("--big-requests", type=int, default=60, help="hey requests per 12 MP run at concurrency 4 (a quarter at 1)")
+    ap.add_argument("--draft-photos", type=int, default=200, help="held-out large photos for the decoding agreement")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cvops-bench-serve-"))
@@ -179,6 +385,9 @@ def main():
            "method": "all paths measured in interleaved blocks (round-robin), so drifting load from other processes hits each alike"}
     print(f"model {a.backbone} at {a.size} px; {len(jpegs)} JPEGs of ~{res['model']['jpeg_bytes_mean']} B; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)
+    if a.only_peers:
+        peers_main(a, tmp, bundle, pngs, jpegs, res)
+        return _write(res, a.out)
     res["in_process_tensor"] = tensor_figures(ip, jpegs, a.block * 4)
 
     # every gateway up at once (idle ones cost nothing), then round-robin blocks
@@ -265,9 +474,15 @@ def main():
     print("\n{:<66} {:>9}  {:<28}".format("measure (SPEC §7)", "measured", "target"))
     for name, val, target, ok in rows:
         print(f"{name:<66} {val:>9}  {target:<28}{'' if ok is None else ('  ok' if ok else '  MISSED')}")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2))
-    print(f"\nwrote {a.out}")
+    if not a.no_peers: peers_main(a, tmp, bundle, pngs, jpegs, res)
+    _write(res, a.out)
+
+
+def _write(res: dict, out: str):
+    res["machine"]["loadavg_end"] = os.getloadavg()
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(json.dumps(res, indent=2, default=str))
+    print(f"\nwrote {out}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 import click
 
 from .cli import cli, params_command
-from .serve_config import ServeSettings
+from .serve_config import ServeSettings, load_serve_config
 
 # %% auto #0
 __all__ = ['serve_command']
@@ -16,8 +16,10 @@ __all__ = ['serve_command']
 # %% ../nbs/94_cli_serve.ipynb #21151384
 @params_command(cli, "serve", ServeSettings)
 def serve_command(p:ServeSettings):
-    "Serve a model over HTTP: the registry's production version (or --ref, or --model-dir) on ONNX Runtime or Triton."
+    "Serve models over HTTP: the registry's production version (or --ref, --model-dir, or a --models list / --config file) on ONNX Runtime or Triton."
     from cvops.serve import serve
-    where = p.model_dir or f"{p.model or 'the project model'}@{p.ref}"
+    p = load_serve_config(p)
+    where = ", ".join(e.name or str(e.model_dir or e.model or "the project model") for e in p.models) if p.models else \
+        (p.model_dir or f"{p.model or 'the project model'}@{p.ref}")
     click.echo(f"cvops gateway: {where} on {p.backend}, http://{p.host}:{p.port} (docs at /docs)", err=True)
     serve(p)

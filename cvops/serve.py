@@ -10,6 +10,7 @@ import logging
 import time
 
 from fastapi import FastAPI, Query, Request, Security
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -25,12 +26,13 @@ from .serve_http import (
     FORMATS, IMAGE_TYPES, check_api_key, image_payloads, json_response, read_body, reload_ref, request_id, top_k_param)
 from .serve_models import ServedModel, build_backend, bundle_digest, resolve_bundle, same_model
 from .serve_gateway import Gateway, GatewayMetrics
+from .serve_v2 import add_v2_routes
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MetricsMiddleware', 'Label', 'ModelRef', 'PredictResponse', 'BatchItem', 'BatchResponse', 'ErrorResponse',
-           'create_app', 'serve']
+__all__ = ['log', 'MetricsMiddleware', 'Label', 'ModelRef', 'PredictResponse', 'ItemError', 'BatchItem', 'BatchResponse',
+           'ModelAnswer', 'CompositeResponse', 'ModelInfo', 'ErrorResponse', 'create_app', 'serve']
 
 # %% ../nbs/40_serve.ipynb #47fa54e3
 _HEADERS = {401: {"WWW-Authenticate": "ApiKey"}, 503: {"Retry-After": "1"}}
@@ -97,9 +99,15 @@ class PredictResponse(BaseModel):
     predictions: list[Label] = Field(description="top-k labels, best first")
     latency_ms: float = Field(description="time spent in the gateway, in milliseconds")
 
+class ItemError(BaseModel):
+    "Why one image of a batch got no answer (the others still did)."
+    status: int = Field(description="the HTTP status this image alone would have got")
+    detail: str = Field(description="what was wrong with this image")
+
 class BatchItem(BaseModel):
-    "Top-k labels for one image of a batch."
-    predictions: list[Label] = Field(description="top-k labels, best first")
+    "Top-k labels for one image of a batch, or the error that image got."
+    predictions: list[Label]|None = Field(None, description="top-k labels, best first (absent when the image failed)")
+    error: ItemError|None = Field(None, description="why this image got no answer (absent when it did)")
 
 class BatchResponse(BaseModel):
     "The answer to `POST /v1/predict/batch`: one result per image, in request order."
@@ -107,6 +115,28 @@ class BatchResponse(BaseModel):
     model: ModelRef
     results: list[BatchItem] = Field(description="one entry per image, in request order")
     latency_ms: float = Field(description="time spent in the gateway, in milliseconds")
+
+class ModelAnswer(BaseModel):
+    "One model's answer within a composite call."
+    model: ModelRef
+    predictions: list[Label] = Field(description="top-k labels, best first")
+
+class CompositeResponse(BaseModel):
+    "The answer to `POST /v1/composite`: each named model's answer for the one uploaded image."
+    request_id: str = Field(description="id of this request (also in the X-Request-ID header)")
+    results: dict[str, ModelAnswer] = Field(description="model name → its answer")
+    latency_ms: float = Field(description="time spent in the gateway, in milliseconds")
+
+class ModelInfo(BaseModel):
+    "One served model, as `GET /v1/models` lists it."
+    name: str = Field(description="the name in the routes")
+    model: str|None = Field(None, description="registry (or bundle) model name")
+    version: int|None = Field(None, description="registry version number")
+    classes: list[str] = Field([], description="class names, in logit order")
+    input_size: int|None = Field(None, description="square side of the model input, in pixels")
+    backend: str|None = Field(None, description="onnxruntime or triton")
+    ready: bool = Field(description="loaded and its backend answering")
+    challenger: ModelRef|None = Field(None, description="the model shadowing it, if any")
 
 class ErrorResponse(BaseModel):
     "Every 4xx/5xx answer: what was wrong, in one sentence."
@@ -131,60 +161,124 @@ _ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in
 _KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key, when the gateway has one")
 _TOP_K = Query(None, ge=1, le=1000, description="how many labels to return (default: the server's top_k)")
 
+def _item(r) -> dict:
+    "One batch entry: the labels, or the error this image got."
+    return {"error": {"status": r.http_status, "detail": str(r)}} if isinstance(r, CvopsError) else {"predictions": r}
+
 def _prediction_endpoint(gw:Gateway, many:bool):
-    "The Starlette endpoint of a prediction route: request id, API key, top_k, images, answer."
+    "The Starlette endpoint of a prediction route: request id, API key, top_k, images, answer (`{name}` in the path: that model)."
     async def endpoint(request:Request) -> Response:
         t0 = time.perf_counter()
         rid = request.state.rid = request_id(request)
         check_api_key(gw.api_key, request.headers.get("x-api-key"), request)
+        name = request.path_params.get("name")
+        gw.slot(name)  # an unknown model is a 404 before the body is read
         k = top_k_param(request, gw.settings.top_k)
-        model, ranked = await gw.predict(await image_payloads(request, gw.settings, many=many), k)
-        answer = {"results": [{"predictions": r} for r in ranked]} if many else {"predictions": ranked[0]}
+        model, ranked = await gw.predict(await image_payloads(request, gw.settings, many=many), k, name)
+        for r in ranked:
+            if isinstance(r, CvopsError): gw.metrics.bad_inputs.labels(str(r.http_status)).inc()
+        answer = {"results": [_item(r) for r in ranked]} if many else {"predictions": ranked[0]}
         return json_response({"request_id": rid, "model": model.info, **answer,
                               "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}, headers={"X-Request-ID": rid})
     return endpoint
 
+def _composite_endpoint(gw:Gateway):
+    "`POST /v1/composite?models=a,b`: one upload, decoded once, answered by each named model (default: all)."
+    async def endpoint(request:Request) -> Response:
+        t0 = time.perf_counter()
+        rid = request.state.rid = request_id(request)
+        check_api_key(gw.api_key, request.headers.get("x-api-key"), request)
+        raw = request.query_params.get("models") or ",".join(gw.slots)
+        names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
+        for n in names: gw.slot(n)
+        k = top_k_param(request, gw.settings.top_k)
+        answers = await gw.predict_many(await image_payloads(request, gw.settings, many=False), k, names)
+        results = {n: {"model": m.info, "predictions": r[0]} for n, (m, r) in zip(names, answers)}
+        return json_response({"request_id": rid, "results": results, "latency_ms": round((time.perf_counter() - t0) * 1000, 3)},
+                             headers={"X-Request-ID": rid})
+    return endpoint
+
+_NAME = PathParam(description="the model's name, as `GET /v1/models` lists it")
+_MODELS = Query(None, description="comma-separated model names (default: every served model)")
+
 def _add_prediction_routes(app:FastAPI, gw:Gateway) -> dict:
-    "`POST /v1/predict` and `/v1/predict/batch`; returns endpoint → path, for the request metrics."
-    one, batch = _prediction_endpoint(gw, many=False), _prediction_endpoint(gw, many=True)
-    app.router.routes[:0] = [Route("/v1/predict", one, methods=["POST"]), Route("/v1/predict/batch", batch, methods=["POST"])]
+    "The prediction routes of the default model, of each named model, and the composite route; returns endpoint → path."
+    paths = {"/v1/predict": _prediction_endpoint(gw, many=False), "/v1/predict/batch": _prediction_endpoint(gw, many=True),
+             "/v1/models/{name}/predict": _prediction_endpoint(gw, many=False), "/v1/models/{name}/batch": _prediction_endpoint(gw, many=True),
+             "/v1/composite": _composite_endpoint(gw)}  # one endpoint per path: the request metrics tell them apart
+    app.router.routes[:0] = [Route(p, f, methods=["POST"]) for p, f in paths.items()]
+    one, batch, one_m, batch_m, comp = paths.values()
+    one_doc = dict(tags=["predict"], openapi_extra=_IMAGE_BODY, responses={200: {"model": PredictResponse}, **_ERRORS})
+    batch_doc = dict(tags=["predict"], openapi_extra=_BATCH_BODY, responses={200: {"model": BatchResponse}, **_ERRORS})
 
-    @app.post("/v1/predict", tags=["predict"], summary="Classify one image", openapi_extra=_IMAGE_BODY,
-              responses={200: {"model": PredictResponse}, **_ERRORS})
-    async def predict(request:Request, top_k:int|None=_TOP_K, key:str|None=Security(_KEY_HEADER)):
-        return await one(request)
+    @app.post("/v1/predict", summary="Classify one image (the default model)", **one_doc)
+    async def predict(request:Request, top_k:int|None=_TOP_K, key:str|None=Security(_KEY_HEADER)): return await one(request)
 
-    @app.post("/v1/predict/batch", tags=["predict"], summary="Classify several images in one call", openapi_extra=_BATCH_BODY,
-              responses={200: {"model": BatchResponse}, **_ERRORS})
-    async def predict_batch(request:Request, top_k:int|None=_TOP_K, key:str|None=Security(_KEY_HEADER)):
-        return await batch(request)
-    return {one: "/v1/predict", batch: "/v1/predict/batch"}
+    @app.post("/v1/predict/batch", summary="Classify several images in one call (the default model)", **batch_doc)
+    async def predict_batch(request:Request, top_k:int|None=_TOP_K, key:str|None=Security(_KEY_HEADER)): return await batch(request)
+
+    @app.post("/v1/models/{name}/predict", summary="Classify one image with the named model", **one_doc)
+    async def predict_model(request:Request, name:str=_NAME, top_k:int|None=_TOP_K, key:str|None=Security(_KEY_HEADER)):
+        return await one_m(request)
+
+    @app.post("/v1/models/{name}/batch", summary="Classify several images with the named model", **batch_doc)
+    async def batch_model(request:Request, name:str=_NAME, top_k:int|None=_TOP_K, key:str|None=Security(_KEY_HEADER)):
+        return await batch_m(request)
+
+    @app.post("/v1/composite", tags=["predict"], summary="One image, several models' answers (decoded once)",
+              openapi_extra=_IMAGE_BODY, responses={200: {"model": CompositeResponse}, **_ERRORS})
+    async def composite(request:Request, models:str|None=_MODELS, top_k:int|None=_TOP_K, key:str|None=Security(_KEY_HEADER)):
+        return await comp(request)
+    return {f: p for p, f in paths.items()}
 
 # %% ../nbs/40_serve.ipynb #7b589f4b
 def _add_admin_routes(app:FastAPI, gw:Gateway):
-    "`POST /v1/admin/reload`: re-resolve the model ref and swap models without dropping requests."
-    @app.post("/v1/admin/reload", tags=["admin"], summary="Re-resolve the model ref and swap models without dropping requests",
-              openapi_extra=_RELOAD_BODY, responses={**_ERRORS, 404: {"model": ErrorResponse, "description": "no such model version or alias"}})
-    async def reload(request:Request, key:str|None=Security(_KEY_HEADER)):
+    "`POST /v1/admin/reload` (the default model) and `/v1/models/{name}/reload`: re-resolve the ref and swap without dropping requests."
+    async def _reload(request:Request, key:str|None, name:str|None):
         request.state.rid = request_id(request)
         check_api_key(gw.api_key, key, request)
+        slot = gw.slot(name)
         ref = await reload_ref(request)
-        if ref is not None and gw.settings.model_dir is not None:
-            raise RequestError(400, "this gateway serves a bundle folder (--model-dir); a registry ref cannot be reloaded")
-        return json_response(await gw.reload(ref))  # an unknown ref is a NotFoundError: 404 by its type
+        if ref is not None and slot.settings.model_dir is not None:
+            raise RequestError(400, f"model {slot.name!r} is a bundle folder (model_dir); a registry ref cannot be reloaded")
+        return json_response(await gw.reload(ref, slot.name))  # an unknown ref is a NotFoundError: 404 by its type
+
+    doc = dict(tags=["admin"], openapi_extra=_RELOAD_BODY,
+               responses={**_ERRORS, 404: {"model": ErrorResponse, "description": "no such model, version or alias"}})
+    @app.post("/v1/admin/reload", summary="Re-resolve the default model's ref and swap it without dropping requests", **doc)
+    async def reload(request:Request, key:str|None=Security(_KEY_HEADER)): return await _reload(request, key, None)
+
+    @app.post("/v1/models/{name}/reload", summary="Re-resolve one model's ref and swap it; the other models are untouched", **doc)
+    async def reload_model(request:Request, name:str=_NAME, key:str|None=Security(_KEY_HEADER)): return await _reload(request, key, name)
 
 def _add_ops_routes(app:FastAPI, gw:Gateway):
-    "`GET /healthz` (liveness), `/readyz` (model loaded, backend answering) and `/metrics` (Prometheus)."
+    "`GET /healthz` (liveness), `/readyz` (every model loaded, its backend answering), `/v1/models` and `/metrics` (Prometheus)."
+    async def _states() -> dict:
+        out = {}
+        for name, slot in gw.slots.items():
+            ok, reason = await slot.ready()
+            gw.metrics.ready.labels(name).set(1 if ok else 0)
+            out[name] = (ok, reason)
+        return out
+
     @app.get("/healthz", tags=["ops"], summary="Liveness: the process answers")
     async def healthz(): return json_response({"status": "ok"})
 
-    @app.get("/readyz", tags=["ops"], summary="Readiness: model loaded and backend reachable (else 503 with the reason)")
+    @app.get("/readyz", tags=["ops"], summary="Readiness: every model loaded and its backend reachable (else 503 with the reason)")
     async def readyz():
+        states = await _states()
+        ok = bool(states) and all(s[0] for s in states.values())
+        reason = "; ".join(f"{n}: {r}" for n, (o, r) in states.items() if not o) or ("ok" if ok else "model not loaded")
         m = gw.champion
-        ok, reason = (await m.backend.ready()) if m is not None else (False, "model not loaded")
-        gw.metrics.ready.set(1 if ok else 0)
-        body = {"ready": ok, "detail": reason, "model": m.info if m else None, "backend": gw.settings.backend}
+        body = {"ready": ok, "detail": reason, "model": m.info if m else None, "backend": m.backend.kind if m else gw.settings.backend,
+                "models": {n: {"ready": o, "detail": r} for n, (o, r) in states.items()}}
         return json_response(body, 200 if ok else 503)
+
+    @app.get("/v1/models", tags=["models"], summary="The served models: name, version, classes, input size, backend, ready",
+             response_model=list[ModelInfo])
+    async def models():
+        states = await _states()
+        return json_response([slot.describe(states[n][0]) for n, slot in gw.slots.items()])
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
     async def metrics(): return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -213,6 +307,7 @@ def create_app(settings:ServeSettings|None=None, # gateway settings (see `ServeS
     paths = _add_prediction_routes(app, gw)
     _add_admin_routes(app, gw)
     _add_ops_routes(app, gw)
+    paths |= add_v2_routes(app, gw)
     app.add_middleware(MetricsMiddleware, metrics=gw.metrics, paths=paths)
     return app
 
@@ -222,8 +317,9 @@ def serve(settings:ServeSettings, # what and where to serve
          ):
     "Run the gateway until interrupted; a model that cannot be resolved fails here, with a one-line error."
     import uvicorn
-    resolve_bundle(settings)  # registry lookups and bundle checks before the server starts (cached for the app's startup)
-    if settings.shadow or settings.shadow_dir: resolve_bundle(settings, settings.shadow, settings.shadow_dir)
+    for _, s in settings.served():  # registry lookups and bundle checks before the server starts (cached for the app's startup)
+        resolve_bundle(s)
+        if s.shadow or s.shadow_dir: resolve_bundle(s, s.shadow, s.shadow_dir)
     app = create_app(settings)
     uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
                 log_level=log_level, lifespan="on", timeout_graceful_shutdown=10)

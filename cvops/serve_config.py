@@ -8,14 +8,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import yaml
 from pydantic import Field
 
-from .config import Params
+from .config import Params, validate_params
+from .errors import ParameterError
 
 # %% auto #0
-__all__ = ['ServeSettings']
+__all__ = ['ModelEntry', 'ServeSettings', 'load_serve_config']
 
 # %% ../nbs/43_serve_config.ipynb #687424ee
+class ModelEntry(Params):
+    "One model of a multi-model gateway; a field left unset takes the gateway's own setting."
+    name: str|None = Field(None, description="name in the routes (/v1/models/{name}/...); default: the registry model's or the bundle's name")
+    model: str|None = Field(None, description="registry model name (default: the gateway's --model, else the project's model)")
+    ref: str|None = Field(None, description="registry version to serve (default: the gateway's --ref)")
+    model_dir: Path|None = Field(None, description="serve this bundle folder instead of a registry version")
+    backend: Literal["onnxruntime", "triton"]|None = Field(None, description="where this model runs (default: the gateway's --backend)")
+    triton_url: str|None = Field(None, description="Triton address of this model (default: the gateway's)")
+    triton_protocol: Literal["http", "grpc"]|None = Field(None, description="protocol to this model's Triton (default: the gateway's)")
+    triton_model: str|None = Field(None, description="this model's name in Triton (default: its registry name)")
+    shadow: str|None = Field(None, description="registry ref of a challenger shadowing this model")
+    shadow_dir: Path|None = Field(None, description="a bundle folder shadowing this model")
+
 class ServeSettings(Params):
     "Settings of the prediction gateway (`cvops serve`)."
     host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0 to accept remote clients)")
@@ -44,6 +59,32 @@ class ServeSettings(Params):
     max_pixels: int = Field(16_000_000, ge=1, description="largest image accepted, width × height (decompression-bomb guard)")
     max_images: int = Field(64, ge=1, description="most images in one batch request")
     cache_dir: Path|None = Field(None, description="where registry bundles are materialised (default: <project home>/serve)")
+    models: list[ModelEntry] = Field([], description="several models on one gateway, e.g. [{name: a, model_dir: x}, {name: b, model: m, ref: qa}]; the first is the default (empty: the one model of --model/--ref/--model-dir)")
+    config: Path|None = Field(None, description="a YAML file of these settings (a `models:` list included); options given on the command line win")
+
+    def served(self) -> list[tuple[str|None, ServeSettings]]:
+        "(route name or None, settings) of each served model, the default first: one gateway-wide setting object per model."
+        if not self.models: return [(None, self)]
+        keep = ("model", "ref", "backend", "triton_url", "triton_protocol")  # inherited when the entry leaves them unset
+        out = []
+        for e in self.models:
+            own = e.model_dump(exclude={"name"}, exclude_none=True)
+            base = {k: getattr(self, k) for k in keep}
+            out.append((e.name, self.model_copy(update={**base, "model_dir": None, "triton_model": None, "shadow": None,
+                                                        "shadow_dir": None, "models": [], **own})))
+        return out
 
     @property
     def max_body_bytes(self) -> int: return int(self.max_body_mb * 1_000_000)
+
+# %% ../nbs/43_serve_config.ipynb #5e7a1c20
+def load_serve_config(settings:ServeSettings) -> ServeSettings:
+    "`settings` with its `config` YAML file read in underneath: a value set explicitly (on the command line) wins."
+    if settings.config is None: return settings
+    path = Path(settings.config)
+    if not path.is_file(): raise ParameterError(f"serve config {path} does not exist")
+    try: doc = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e: raise ParameterError(f"serve config {path} is not valid YAML: {e}") from None
+    if not isinstance(doc, dict): raise ParameterError(f"serve config {path} must be a mapping of settings, got {type(doc).__name__}")
+    given = settings.model_dump(exclude_unset=True)
+    return validate_params(ServeSettings, {**doc, **given, "config": None}, source=str(path))

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -17,11 +18,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 from .bundle import ModelBundle
 from .capture import Capture, CaptureWriter
-from .errors import BackendUnavailable, CvopsError, ImageError
-from .preprocess import load_image, sniff_format
+from .errors import BackendUnavailable, CvopsError, ImageError, NotFoundError
+from .preprocess import DRAFT_MARGIN, load_image, sniff_format
 from .serve_config import ServeSettings
 from .serve_http import FORMATS
-from .serve_models import ServedModel, resolve_bundle, same_model
+from .serve_models import ModelSlot, ServedModel, resolve_bundle, same_model
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +52,12 @@ class GatewayMetrics:
                                 buckets=(1e3, 4e3, 1.6e4, 6.4e4, 2.5e5, 1e6, 4e6, 1.6e7, 6.4e7), registry=r)
         self.bad_inputs = Counter("cvops_bad_inputs", "Refused inputs by reason (HTTP status)", ["status"], registry=r)
         self.capture = Counter("cvops_capture", "Capture outcomes: written, dropped (queue full), failed (store error)", ["outcome"], registry=r)
-        self.shadow = Counter("cvops_shadow", "Shadow predictions by outcome: agree, disagree, error, skipped", ["outcome"], registry=r)
-        self.shadow_agreement = Gauge("cvops_shadow_agreement", "Top-1 agreement of challenger with champion over the shadowed requests", registry=r)
+        self.shadow = Counter("cvops_shadow", "Shadow predictions by model and outcome: agree, disagree, error, skipped", ["model", "outcome"], registry=r)
+        self.shadow_agreement = Gauge("cvops_shadow_agreement", "Top-1 agreement of challenger with champion over the shadowed requests", ["model"], registry=r)
         self.model_info = Gauge("cvops_model_info", "The served models (value 1)", ["role", "model", "version", "backend"], registry=r)
-        self.ready = Gauge("cvops_ready", "1 when the champion is loaded and its backend answers", registry=r)
+        self.ready = Gauge("cvops_ready", "1 when the model's champion is loaded and its backend answers", ["model"], registry=r)
         self.reloads = Counter("cvops_model_reloads", "Model reloads by outcome", ["outcome"], registry=r)
         for o in ("written", "dropped", "failed"): self.capture.labels(o)
-        for o in ("agree", "disagree", "error", "skipped"): self.shadow.labels(o)
 
     def render(self) -> bytes: return generate_latest(self.registry)
 
@@ -65,72 +65,91 @@ class GatewayMetrics:
 _INLINE_DECODE = 256_000  # bodies up to this many bytes are decoded on the event loop
 
 class Gateway:
-    "The state behind the routes: models, metrics, capture, auth."
+    "The state behind the routes: the named models, metrics, capture, auth."
     def __init__(self, settings:ServeSettings, # the gateway's settings
                  api_key:str|None=None,       # default: from the environment variable `settings.api_key_env`
                 ):
         self.settings = settings
         self.metrics = GatewayMetrics()
         self.api_key = (api_key if api_key is not None else os.environ.get(settings.api_key_env, "")).encode() or None
-        self.champion: ServedModel|None = None
-        self.challenger: ServedModel|None = None
+        self.slots: dict[str, ModelSlot] = {}  # name → model, the default first
         self.capture: CaptureWriter|None = None
-        self._reload_lock = asyncio.Lock()
         self._shadow_tasks: set[asyncio.Task] = set()   # shadow calls in flight (capped)
         self._closing: set[asyncio.Task] = set()        # replaced models closing after their last request
-        self._shadow_n = self._shadow_agree = 0
         self._random = random.Random()
         self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode")  # one thread: decoding stays in order, GIL-light
 
+    @property
+    def default(self) -> ModelSlot|None: return next(iter(self.slots.values()), None)
+    @property
+    def champion(self) -> ServedModel|None: return self.default.champion if self.slots else None
+    @property
+    def challenger(self) -> ServedModel|None: return self.default.challenger if self.slots else None
+
+    def slot(self, name:str|None=None) -> ModelSlot:
+        "The model served as `name` (None: the default); 404 naming the served ones when there is none."
+        if not self.slots: raise BackendUnavailable("no model loaded yet")
+        if name is None: return self.default
+        if name in self.slots: return self.slots[name]
+        raise NotFoundError("model", name, list(self.slots))
+
     async def start(self):
         "Resolve and load the models, start capture (the app's startup)."
-        s = self.settings
-        self._set(await self._load(await asyncio.to_thread(resolve_bundle, s), "champion"))
-        if s.shadow or s.shadow_dir:
-            self._set(await self._load(await asyncio.to_thread(resolve_bundle, s, s.shadow, s.shadow_dir), "challenger"))
-        if s.capture_rate > 0: self.capture = self._capture_writer().start()
-        log.info("serving %s v%s on %s", self.champion.bundle.name, self.champion.bundle.version, self.champion.backend.kind)
+        for name, s in self.settings.served():
+            bundle = await asyncio.to_thread(resolve_bundle, s)
+            name = name or bundle.name
+            if name in self.slots: raise CvopsError(f"two served models are named {name!r}: give each a distinct `name`")
+            slot = self.slots[name] = ModelSlot(name, s)
+            self._set(slot, await self._load(slot, bundle, "champion"))
+            if slot.shadowed:
+                for o in ("agree", "disagree", "error", "skipped"): self.metrics.shadow.labels(name, o)  # zeros from the start
+                self._set(slot, await self._load(slot, await asyncio.to_thread(resolve_bundle, s, s.shadow, s.shadow_dir), "challenger"))
+            log.info("serving %s: %s v%s on %s", name, bundle.name, bundle.version, slot.champion.backend.kind)
+        if self.settings.capture_rate > 0: self.capture = self._capture_writer().start()
 
     async def stop(self):
         "Cancel shadow calls, close the models after their requests (10 s at most), stop capture (the app's shutdown)."
         for t in self._shadow_tasks: t.cancel()
-        for m in (self.champion, self.challenger):
-            if m is not None: self._spawn(m.close(timeout=10), self._closing)
+        for slot in self.slots.values():
+            for m in (slot.champion, slot.challenger):
+                if m is not None: self._spawn(m.close(timeout=10), self._closing)
         await _finish(self._shadow_tasks | self._closing, timeout=11)
         if self.capture is not None: await asyncio.to_thread(self.capture.stop)
         self._decode_pool.shutdown(wait=False)
 
-    async def reload(self, ref:str|None=None, # registry ref for the champion (default: the configured one)
-                    ) -> dict:               # changed, model, previous, challenger
-        "Re-resolve the champion (and challenger); swap what changed; replaced models close after their last request."
-        async with self._reload_lock:
-            s, old = self.settings, self.champion
+    async def reload(self, ref:str|None=None,  # registry ref for the champion (default: the configured one)
+                     name:str|None=None,       # which model (default: the default model)
+                    ) -> dict:                # changed, model, previous, challenger
+        "Re-resolve one model's champion (and challenger); swap what changed; the other models are not touched."
+        slot = self.slot(name)
+        async with slot.lock:
+            s, old = slot.settings, slot.champion
             try:
-                changed = await self._swap(await asyncio.to_thread(resolve_bundle, s, ref), "champion")
-                if s.shadow and not s.shadow_dir: await self._swap(await asyncio.to_thread(resolve_bundle, s, s.shadow), "challenger")
+                changed = await self._swap(slot, await asyncio.to_thread(resolve_bundle, s, ref), "champion")
+                if s.shadow and not s.shadow_dir: await self._swap(slot, await asyncio.to_thread(resolve_bundle, s, s.shadow), "challenger")
             except CvopsError:
                 self.metrics.reloads.labels("failed").inc(); raise
             self.metrics.reloads.labels("changed" if changed else "unchanged").inc()
-            return {"changed": changed, "model": self.champion.info, "previous": old.info if old else None,
-                    "challenger": self.challenger.info if self.challenger else None}
+            return {"changed": changed, "model": slot.champion.info, "previous": old.info if old else None,
+                    "challenger": slot.challenger.info if slot.challenger else None}
 
-    async def _load(self, bundle:ModelBundle, role:str) -> ServedModel:
-        on_batch = self.metrics.batch_size.labels(bundle.name).observe
-        return await ServedModel.load(bundle, self.settings, role, on_batch=on_batch)
+    async def _load(self, slot:ModelSlot, bundle:ModelBundle, role:str) -> ServedModel:
+        on_batch = self.metrics.batch_size.labels(slot.name).observe
+        return await ServedModel.load(bundle, slot.settings, role, on_batch=on_batch, name=slot.name)
 
-    def _set(self, m:ServedModel):
+    def _set(self, slot:ModelSlot, m:ServedModel):
         "Serve `m` in its role (one assignment: requests from here on use it)."
-        setattr(self, m.role, m)
-        self.metrics.model_info.labels(m.role, m.bundle.name, str(m.bundle.version), m.backend.kind).set(1)
+        setattr(slot, m.role, m)
+        self.metrics.model_info.labels(m.role, m.name, str(m.bundle.version), m.backend.kind).set(1)
 
-    async def _swap(self, bundle:ModelBundle, role:str) -> bool:
+    async def _swap(self, slot:ModelSlot, bundle:ModelBundle, role:str) -> bool:
         "Serve `bundle` in `role` unless it already does; the replaced model closes in the background. True if swapped."
-        old = getattr(self, role)
+        old = getattr(slot, role)
         if same_model(old, bundle): return False
-        new = await self._load(bundle, role)
+        new = await self._load(slot, bundle, role)
         if old is not None:
-            self.metrics.model_info.remove(role, old.bundle.name, str(old.bundle.version), old.backend.kind)
-        self._set(new)
+            self.metrics.model_info.remove(role, old.name, str(old.bundle.version), old.backend.kind)
+        self._set(slot, new)
         if old is not None: self._spawn(old.close(), self._closing)
         return True
 
@@ -149,39 +168,60 @@ class Gateway:
                              on_outcome=lambda o: self.metrics.capture.labels(o).inc())
 
     # -- requests --------------------------------------------------------------
-    async def predict(self, items:list[tuple[bytes, str]],       # (image bytes, content type) per image
-                      top_k:int,                                 # labels per image
-                     ) -> tuple[ServedModel, list[list[dict]]]:  # the model that answered, top-k labels per image
-        "Decode, preprocess, infer and rank a list of (bytes, content type)."
-        model = self.champion
-        if model is None: raise BackendUnavailable("no model loaded yet")
-        with model.in_flight():
-            # decode on the loop when alone (a thread hop costs more than it saves), else in the decode thread
-            if model.active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
-                x, stats = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, model)
-            else: x, stats = self._decode(items, model)
-            t0 = time.perf_counter()
-            logits = await model.backend.infer(x)
-            self.metrics.inference.labels(model.bundle.name, model.backend.kind).observe(time.perf_counter() - t0)
-            ranked = model.topk(logits, top_k)
-        self._observe(model, ranked, stats)
-        if self.challenger is not None: self._shadow(x, ranked)
-        if self.capture is not None: self._capture(model, items, ranked)
-        return model, ranked
+    async def predict(self, items:list[tuple[bytes, str]],  # (image bytes, content type) per image
+                      top_k:int,                            # labels per image
+                      name:str|None=None,                   # which model (default: the default model)
+                     ) -> tuple[ServedModel, list]:         # the model that answered; per image, top-k labels or its ImageError
+        "Decode, preprocess, infer and rank a list of (bytes, content type); an undecodable image gets its own error."
+        answers = await self.predict_many(items, top_k, [name])
+        return answers[0]
 
-    def _decode(self, items:list[tuple[bytes, str]], model:ServedModel) -> tuple[np.ndarray, list]:
-        xs, imgs = [], []
+    async def predict_many(self, items:list[tuple[bytes, str]], top_k:int,
+                           names:list[str|None],            # the models to ask (the composite route: several)
+                          ) -> list[tuple[ServedModel, list]]: # per model: (model, per image top-k labels or ImageError)
+        "Decode each image once (at reduced scale for the largest model), then preprocess and infer per model."
+        models = [self.slot(n).champion for n in names]
+        if any(m is None for m in models): raise BackendUnavailable("no model loaded yet")
+        with contextlib.ExitStack() as held:  # each answer comes whole from the models the request started with
+            for m in models: held.enter_context(m.in_flight())
+            # decode on the loop when alone (a thread hop costs more than it saves), else in the decode thread
+            if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
+                xs, stats, errors = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
+            else: xs, stats, errors = self._decode(items, models)
+            ranked = await asyncio.gather(*(self._infer(m, x, top_k) for m, x in zip(models, xs)))
+        out = []
+        for slot_name, m, x, st, r in zip(names, models, xs, stats, ranked):
+            self._observe(m, r, st)
+            slot = self.slot(slot_name)
+            if slot.challenger is not None: self._shadow(slot, x, r)
+            if self.capture is not None: self._capture(m, [it for i, it in enumerate(items) if i not in errors], r)
+            good = iter(r)
+            out.append((m, [errors[i] if i in errors else next(good) for i in range(len(items))]))
+        return out
+
+    async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int) -> list[list[dict]]:
+        t0 = time.perf_counter()
+        logits = await model.backend.infer(x)
+        self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
+        return model.topk(logits, top_k)
+
+    def _decode(self, items:list[tuple[bytes, str]], models:list[ServedModel]) -> tuple[list, list, dict]:
+        "Per model: inputs (N_good,3,S,S) and stats; and image index → ImageError for those that failed. All failed: raise."
+        xs, stats, errors = [[] for _ in models], [[] for _ in models], {}
+        reduce_to = DRAFT_MARGIN * max(m.size for m in models)  # one decode serves every model's size
         for i, (data, _) in enumerate(items):
-            try: img = load_image(data, self.settings.max_pixels, FORMATS)
+            try: img = load_image(data, self.settings.max_pixels, FORMATS, reduce_to=reduce_to)
             except ImageError as e:
-                msg = str(e) if len(items) == 1 else f"image {i}: {e}"
-                raise type(e)(msg) from None  # same type, so the same status
-            x, stats = model.prepare(img)
-            xs.append(x); imgs.append((img.width * img.height, stats))
-        return np.stack(xs), imgs
+                if len(items) == 1: raise
+                errors[i] = type(e)(f"image {i}: {e}"); continue  # same type, so the same status
+            for j, m in enumerate(models):
+                x, st = m.prepare(img)
+                xs[j].append(x); stats[j].append((img.width * img.height, st))
+        if len(errors) == len(items): raise errors[0]  # nothing to answer: the request is refused, as a single image is
+        return [np.stack(x) for x in xs], stats, errors
 
     def _observe(self, model:ServedModel, ranked, stats):
-        m, name, ver = self.metrics, model.bundle.name, str(model.bundle.version)
+        m, name, ver = self.metrics, model.name, str(model.bundle.version)
         m.images.labels(name, ver).inc(len(ranked))
         for top, (pixels, st) in zip(ranked, stats):
             m.predictions.labels(name, ver, top[0]["label"]).inc()
@@ -191,27 +231,27 @@ class Gateway:
     def _capture(self, model:ServedModel, items, ranked):
         for (data, ctype), top in zip(items, ranked):
             if self.capture.wants():
-                self.capture.offer(Capture(data, model.bundle.name, model.bundle.version, top, ctype, sniff_format(data) or "?"))
+                self.capture.offer(Capture(data, model.name, model.bundle.version, top, ctype, sniff_format(data) or "?"))
 
     # -- shadow ----------------------------------------------------------------
-    def _shadow(self, x:np.ndarray, ranked):
-        s = self.settings
+    def _shadow(self, slot:ModelSlot, x:np.ndarray, ranked):
+        s = slot.settings
         if s.shadow_share < 1.0 and self._random.random() >= s.shadow_share: return
         if len(self._shadow_tasks) >= 64:  # never let shadow traffic pile up behind a slow challenger
-            self.metrics.shadow.labels("skipped").inc(); return
-        self._spawn(self._run_shadow(self.challenger, x, [r[0]["label"] for r in ranked]), self._shadow_tasks)
+            self.metrics.shadow.labels(slot.name, "skipped").inc(); return
+        self._spawn(self._run_shadow(slot, slot.challenger, x, [r[0]["label"] for r in ranked]), self._shadow_tasks)
 
-    async def _run_shadow(self, challenger:ServedModel, x:np.ndarray, champion_top1:list[str]):
+    async def _run_shadow(self, slot:ModelSlot, challenger:ServedModel, x:np.ndarray, champion_top1:list[str]):
         try:
             with challenger.in_flight(): top = challenger.topk(await challenger.backend.infer(x), 1)
         except Exception as e:
             log.debug("shadow inference failed: %s", e)
-            self.metrics.shadow.labels("error").inc(); return
+            self.metrics.shadow.labels(slot.name, "error").inc(); return
         for t, c in zip(top, champion_top1):
             agree = t[0]["label"] == c
-            self.metrics.shadow.labels("agree" if agree else "disagree").inc()
-            self._shadow_n += 1; self._shadow_agree += agree
-        self.metrics.shadow_agreement.set(self._shadow_agree / self._shadow_n)
+            self.metrics.shadow.labels(slot.name, "agree" if agree else "disagree").inc()
+            slot.shadow_n += 1; slot.shadow_agree += agree
+        self.metrics.shadow_agreement.labels(slot.name).set(slot.shadow_agree / slot.shadow_n)
 
 async def _finish(tasks:set, timeout:float):
     "Wait for background tasks up to `timeout` s, then cancel what is left and wait for that."

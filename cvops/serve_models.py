@@ -16,12 +16,12 @@ from PIL import Image
 
 from .backends import Backend, make_backend
 from .bundle import ModelBundle
-from .preprocess import image_stats, softmax, to_input
+from .preprocess import image_stats, normalize, resize_to, softmax
 from .serve_config import ServeSettings
 from .store import sha256_file
 
 # %% auto #0
-__all__ = ['resolve_bundle', 'build_backend', 'bundle_digest', 'ServedModel', 'same_model']
+__all__ = ['resolve_bundle', 'build_backend', 'bundle_digest', 'ServedModel', 'same_model', 'ModelSlot']
 
 # %% ../nbs/45_serve_models.ipynb #3f41cfe0
 def _materialize(reg, mv, dest:Path):
@@ -65,13 +65,13 @@ def bundle_digest(bundle:ModelBundle) -> str:
 
 class ServedModel:
     "A loaded model: bundle, backend, and the requests it is answering."
-    def __init__(self, bundle:ModelBundle, backend:Backend, role:str="champion"):
+    def __init__(self, bundle:ModelBundle, backend:Backend, role:str="champion", name:str|None=None):
         self.bundle, self.backend, self.role = bundle, backend, role
+        self.name = name or bundle.name  # the name it is served under (routes, metrics, captures)
         self.digest = bundle_digest(bundle)
         self.active = 0
         self._idle = asyncio.Event(); self._idle.set()
-        s = bundle.spec
-        self._size, self._resample = (s.size, s.size), Image.Resampling[s.resample.upper()]
+        self.size = bundle.spec.size
         self.classes = np.asarray(bundle.classes)
 
     @classmethod
@@ -79,14 +79,15 @@ class ServedModel:
                    settings:ServeSettings,      # which backend, and its options
                    role:str="champion",         # champion or challenger (for metrics)
                    on_batch=None,               # callback(n_images) after each ONNX Runtime call (micro-batch sizes)
+                   name:str|None=None,          # the name it is served under (default: the bundle's)
                   ) -> ServedModel:
         "Load `bundle` into the configured backend and warm it up."
         backend = build_backend(bundle, settings)
         await backend.load()
-        m = cls(bundle, backend, role)
+        m = cls(bundle, backend, role, name)
         if backend.kind == "onnxruntime":
             backend.on_batch = on_batch
-            await backend.infer(np.zeros((1, 3, *m._size), np.float32))  # warm-up: first-call allocations off the request path
+            await backend.infer(np.zeros((1, 3, m.size, m.size), np.float32))  # warm-up: first-call allocations off the request path
         return m
 
     async def close(self, timeout:float=60.0):
@@ -96,7 +97,7 @@ class ServedModel:
         finally: await self.backend.close()
 
     @property
-    def info(self) -> dict: return {"name": self.bundle.name, "version": self.bundle.version}
+    def info(self) -> dict: return {"name": self.name, "version": self.bundle.version}
 
     @contextlib.contextmanager
     def in_flight(self):
@@ -109,8 +110,8 @@ class ServedModel:
 
     def prepare(self, img:Image.Image) -> tuple[np.ndarray, dict]:
         "Model input (3,S,S) and input statistics of one decoded image (statistics on the resized image: cheap, bounded)."
-        small = img if img.size == self._size else img.resize(self._size, self._resample)
-        return to_input(small, self.bundle.spec), image_stats(small)
+        small = resize_to(img, self.bundle.spec)  # the shared decode path's resize (cvops.preprocess)
+        return normalize(small, self.bundle.spec), image_stats(Image.fromarray(small))
 
     def topk(self, logits:np.ndarray, k:int) -> list[list[dict]]:
         "Softmax probabilities → the k best labels with scores, per row."
@@ -124,3 +125,31 @@ def same_model(served:ServedModel|None, # what a role serves now (None: nothing 
               ) -> bool:
     "Does `served` already serve `bundle` (same version, same model.onnx bytes)? A reload swaps only when not."
     return served is not None and bundle.version == served.bundle.version and bundle_digest(bundle) == served.digest
+
+# %% ../nbs/45_serve_models.ipynb #6b1f0e2a
+class ModelSlot:
+    "One named model of a gateway: its own settings, champion, optional challenger, shadow counts and reload lock."
+    def __init__(self, name:str,              # the name in the routes
+                 settings:ServeSettings,      # this model's settings (see `ServeSettings.served`)
+                ):
+        self.name, self.settings = name, settings
+        self.champion: ServedModel|None = None
+        self.challenger: ServedModel|None = None
+        self.lock = asyncio.Lock()  # one reload at a time for this model; other models reload independently
+        self.shadow_n = self.shadow_agree = 0
+
+    @property
+    def shadowed(self) -> bool: return bool(self.settings.shadow or self.settings.shadow_dir)
+
+    async def ready(self) -> tuple[bool, str]:
+        "Is the champion loaded and its backend answering? `(ok, reason)`."
+        m = self.champion
+        return (await m.backend.ready()) if m is not None else (False, "model not loaded")
+
+    def describe(self, ready:bool) -> dict:
+        "What `GET /v1/models` says about this model."
+        m = self.champion
+        if m is None: return {"name": self.name, "ready": False}
+        return {"name": self.name, "model": m.bundle.name, "version": m.bundle.version, "classes": list(m.bundle.classes),
+                "input_size": m.size, "backend": m.backend.kind, "ready": ready,
+                "challenger": self.challenger.info if self.challenger else None}

@@ -44,13 +44,13 @@ def make_bundle(out: Path, images: list[Path], size: int = 64, seed: int = 0, ba
 
 
 def reference_topk(bundle: Path, data: bytes, k: int = 3) -> list[tuple[str, float]]:
-    "The expected answer, computed independently in-process: load_image → to_input → ONNX Runtime → softmax."
+    "The expected answer, computed in-process through the shared decode path: decode_resized → normalize → ONNX Runtime → softmax."
     import onnxruntime as ort
-    from cvops.preprocess import PreprocessSpec, load_image, to_input
+    from cvops.preprocess import PreprocessSpec, decode_resized, normalize
     spec = PreprocessSpec.load(bundle / "preprocess.json")
     classes = (bundle / "labels.txt").read_text().split()
     sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
-    z = sess.run(["logits"], {"input": to_input(load_image(data), spec)[None]})[0][0].astype(np.float64)
+    z = sess.run(["logits"], {"input": normalize(decode_resized(data, spec), spec)[None]})[0][0].astype(np.float64)
     p = np.exp(z - z.max()); p /= p.sum()
     return [(classes[i], float(p[i])) for i in np.argsort(-p, kind="stable")[:k]]
 
@@ -102,3 +102,48 @@ class Gateway:
 
     def __enter__(self): return self.start()
     def __exit__(self, *exc): self.stop()
+
+
+def large_photos(n: int = 200, size: tuple[int, int] = (1600, 1200), seed: int = 7, quality: int = 90) -> list[bytes]:
+    "Held-out phone-like photos: synthetic shapes drawn large, with noise and a gradient (JPEG, `size`), from their own seed."
+    from PIL import Image, ImageDraw
+    rng = np.random.default_rng(seed)
+    w, h = size
+    yy, xx = np.mgrid[0:h // 8, 0:w // 8].astype(np.float32)
+    out = []
+    for i in range(n):
+        bg = rng.uniform(40, 215, 3)
+        grad = (xx / xx.max())[..., None] * rng.uniform(-40, 40, 3) + (yy / yy.max())[..., None] * rng.uniform(-40, 40, 3)
+        small = np.clip(bg + grad + rng.normal(0, 12, grad.shape), 0, 255).astype(np.uint8)
+        img = Image.fromarray(small).resize(size, Image.BILINEAR)
+        d = ImageDraw.Draw(img)
+        cx, cy, r = rng.uniform(0.3, 0.7) * w, rng.uniform(0.3, 0.7) * h, rng.uniform(0.15, 0.35) * min(w, h)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        kind = i % 4
+        if kind == 0: d.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        elif kind == 1: d.rectangle((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        elif kind == 2: d.regular_polygon((cx, cy, r), 5, rotation=float(rng.uniform(0, 72)), fill=colour)
+        else: d.regular_polygon((cx, cy, r), 3, rotation=float(rng.uniform(0, 120)), fill=colour)
+        out.append(encode(img, "JPEG", quality=quality))
+    return out
+
+
+def draft_agreement(bundle: Path, photos: list[bytes]) -> dict:
+    "Top-1 agreement of the model on reduced-scale decoding (the shared decode path) vs full decoding, and the largest input difference."
+    from cvops.bundle import ModelBundle, ort_session
+    from cvops.preprocess import decode_resized, load_image, normalize, resize_to
+    b = ModelBundle.load(bundle)
+    sess = ort_session(b.onnx_path)
+    reduced = np.stack([decode_resized(d, b.spec) for d in photos])
+    full = np.stack([resize_to(load_image(d), b.spec) for d in photos])
+    run = lambda px: np.concatenate([sess.run([b.output_name], {b.input_name: normalize(px[i:i + 32], b.spec)})[0]
+                                     for i in range(0, len(px), 32)])
+    zr, zf = run(reduced), run(full)
+    diff = np.abs(reduced.astype(np.int16) - full.astype(np.int16))
+    flips = zr.argmax(1) != zf.argmax(1)
+    top2 = np.sort(zf, axis=1)[:, -2:]
+    return {"n": len(photos), "agreement": float(1 - flips.mean()), "flipped": int(flips.sum()),
+            "flipped_top2_gap_max": float((top2[:, 1] - top2[:, 0])[flips].max()) if flips.any() else 0.0,
+            "top2_gap_median": float(np.median(top2[:, 1] - top2[:, 0])),
+            "pixel_mean_abs_diff": float(diff.mean()), "pixel_max_abs_diff": int(diff.max()),
+            "logit_max_abs_diff": float(np.abs(zr - zf).max())}
