@@ -28,6 +28,9 @@ class Backend:
     async def infer(self, batch:np.ndarray) -> np.ndarray:
         "Logits (N, C) for a float32 batch (N, 3, S, S)."
         raise NotImplementedError
+    async def infer_embedding(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
+        "Logits (N, C) and the model's embedding (N, D) for drift monitoring; None where this backend does not return it."
+        return await self.infer(batch), None
     async def ready(self) -> tuple[bool, str]:
         "Can this backend answer now? `(ok, reason)`."
         raise NotImplementedError
@@ -58,6 +61,7 @@ class OnnxBackend(Backend):
         self._one_s = None  # recent time of a one-image call (EWMA), for the inline decision
         self.batch_sizes: list[int] = []  # recent call sizes (for metrics), trimmed by the reader
         self.on_batch = None              # optional callback(n_images) after each call
+        self.embedding = False            # also return the embedding output (set before `load`; see `infer_embedding`)
 
     async def load(self):
         self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"ort-{self.bundle.name}")
@@ -72,7 +76,9 @@ class OnnxBackend(Backend):
 
     def _run(self, x:np.ndarray) -> np.ndarray:
         t0 = time.perf_counter()
-        y = self.session.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
+        if self.embedding:  # one array through the batching code: logits, then the embedding, side by side
+            y = np.concatenate(self.session.run([self.bundle.output_name, self.bundle.embedding.name], {self.bundle.input_name: x}), 1)
+        else: y = self.session.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
         if len(x) == 1:
             t = time.perf_counter() - t0
             self._one_s = t if self._one_s is None else 0.8 * self._one_s + 0.2 * t
@@ -87,6 +93,14 @@ class OnnxBackend(Backend):
         return self._inflight == 0 and self._waiting == 0
 
     async def infer(self, batch:np.ndarray) -> np.ndarray:
+        y = await self._rows(batch)
+        return y[:, :len(self.bundle.classes)] if self.embedding else y
+
+    async def infer_embedding(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
+        y, c = await self._rows(batch), len(self.bundle.classes)
+        return (y[:, :c], y[:, c:]) if self.embedding else (y, None)
+
+    async def _rows(self, batch:np.ndarray) -> np.ndarray:
         if self.session is None: raise BackendUnavailable(f"model {self.bundle.name} v{self.bundle.version} is not loaded")
         if len(batch) == 1 and await self._alone():  # idle and a fast model: skip the thread hop (it costs more than it saves)
             self._inflight += 1

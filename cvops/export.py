@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 from .bundle import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session, write_bundle
 from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, ParameterError, ParityError
-from .preprocess import PreprocessSpec, decode_resized, normalize, preprocess_bytes
+from .preprocess import PreprocessSpec, decode_resized, image_statistics, normalize, preprocess_bytes
 from .store import ArtifactStore, project_store, sha256_file
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ def build_reference(session,                # ONNX Runtime session of the export
     "The drift reference a bundle carries: image statistics and embeddings of training images, predicted-class counts on validation."
     import io
     from PIL import Image
-    from cvops.drift import DriftReference, image_statistics
+    from cvops.drift import DriftReference
     stats, embs = {}, []
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]

@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 
 from .bundle import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ModelBundle
 from .config import Params, ProjectConfig, load_config
-from .drift import DriftPolicy, DriftReference, DriftScore, image_statistics, score_window
+from .drift import DriftPolicy, DriftReference, DriftScore, score_window
 from .errors import BundleError, ImageError, NotFoundError, ParameterError
-from .preprocess import decode_resized, normalize
+from .preprocess import decode_resized, image_statistics, normalize
 
 # %% auto #0
 __all__ = ['parse_time', 'MonitorParams', 'CaptureRef', 'list_captures', 'TrafficFeatures', 'traffic_features', 'WindowReport',

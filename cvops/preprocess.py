@@ -15,8 +15,8 @@ from .errors import CvopsError, ImageError, ImageTooLargeError, UnsupportedImage
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'DRAFT_MARGIN', 'PreprocessSpec', 'load_image', 'to_rgb',
-           'sniff_format', 'decode_resized', 'resize_to', 'normalize', 'to_input', 'preprocess_bytes', 'image_stats',
-           'softmax', 'verify_image']
+           'sniff_format', 'decode_resized', 'resize_to', 'normalize', 'to_input', 'preprocess_bytes',
+           'image_statistics', 'softmax', 'verify_image']
 
 # %% ../nbs/03_preprocess.ipynb #a27c4df8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -136,10 +136,14 @@ def preprocess_bytes(data:bytes, spec:PreprocessSpec, max_pixels:int=MAX_PIXELS)
     "Decode untrusted bytes (reduced-scale for large JPEGs) and turn them into one model input (3, size, size)."
     return normalize(decode_resized(data, spec, max_pixels), spec)
 
-def image_stats(img:Image.Image) -> dict[str, float]:
-    "Cheap statistics of an RGB image for monitoring: brightness, contrast (both in [0, 1]), width, height."
-    g = np.asarray(img.convert("L"), dtype=np.float32) / 255
-    return dict(brightness=float(g.mean()), contrast=float(g.std()), width=float(img.width), height=float(img.height))
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601 luma, as Pillow's convert("L")
+
+def image_statistics(pixels:np.ndarray,     # uint8 (S, S, 3): the image at the model's size (`decode_resized`)
+                     size:tuple[int, int],  # (width, height) of the image as it arrived
+                    ) -> dict[str, float]:
+    "Cheap statistics of one image for metrics and drift: brightness and contrast in [0, 1] at the model's size, and the original size."
+    g = pixels.astype(np.float32) @ _LUMA / 255
+    return dict(brightness=float(g.mean()), contrast=float(g.std()), width=float(size[0]), height=float(size[1]))
 
 # %% ../nbs/03_preprocess.ipynb #e5f6a7b8
 def softmax(logits:np.ndarray, # (batch, classes) raw model outputs

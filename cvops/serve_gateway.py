@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 import os
 import random
@@ -14,6 +15,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .bundle import ModelBundle
@@ -57,6 +59,13 @@ class GatewayMetrics:
         self.model_info = Gauge("cvops_model_info", "The served models (value 1)", ["role", "model", "version", "backend"], registry=r)
         self.ready = Gauge("cvops_ready", "1 when the model's champion is loaded and its backend answers", ["model"], registry=r)
         self.reloads = Counter("cvops_model_reloads", "Model reloads by outcome", ["outcome"], registry=r)
+        # drift of live traffic against each model's reference (cvops.drift), updated when a window is scored
+        self.drift_flag = Gauge("cvops_drift_flag", "1 when the model's latest drift window drifted", ["model"], registry=r)
+        self.drift_p = Gauge("cvops_drift_p_value", "p-value of each drift test on the latest window", ["model", "test"], registry=r)
+        self.drift_stat = Gauge("cvops_drift_statistic", "Statistic of each drift test on the latest window (KS D, MMD², chi-square)", ["model", "test"], registry=r)
+        self.drift_threshold = Gauge("cvops_drift_threshold", "Bonferroni-corrected significance each p-value is compared with", ["model"], registry=r)
+        self.drift_scored = Gauge("cvops_drift_last_scored_timestamp_seconds", "When the model's drift was last scored (Unix time)", ["model"], registry=r)
+        self.drift_windows = Counter("cvops_drift_windows", "Drift windows scored, by outcome", ["model", "drift"], registry=r)
         for o in ("written", "dropped", "failed"): self.capture.labels(o)
 
     def render(self) -> bytes: return generate_latest(self.registry)
@@ -188,7 +197,7 @@ class Gateway:
             if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
                 xs, stats, errors = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
             else: xs, stats, errors = self._decode(items, models)
-            ranked = await asyncio.gather(*(self._infer(m, x, top_k) for m, x in zip(models, xs)))
+            ranked = await asyncio.gather(*(self._infer(m, x, top_k, st) for m, x, st in zip(models, xs, stats)))
         out = []
         for slot_name, m, x, st, r in zip(names, models, xs, stats, ranked):
             self._observe(m, r, st)
@@ -199,11 +208,32 @@ class Gateway:
             out.append((m, [errors[i] if i in errors else next(good) for i in range(len(items))]))
         return out
 
-    async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int) -> list[list[dict]]:
+    async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int, stats:list|None=None) -> list[list[dict]]:
         t0 = time.perf_counter()
-        logits = await model.backend.infer(x)
+        if model.drift is not None: logits, emb = await model.backend.infer_embedding(x)
+        else: logits, emb = await model.backend.infer(x), None
         self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
-        return model.topk(logits, top_k)
+        ranked = model.topk(logits, top_k)
+        if model.drift is not None and stats is not None: self._track_drift(model, ranked, stats, emb)
+        return ranked
+
+    def _track_drift(self, model:ServedModel, ranked, stats, emb):
+        "Add the requests to the model's drift window; when it is due, score it in a thread (off the request path)."
+        for i, (top, (_, st)) in enumerate(zip(ranked, stats)):
+            model.drift.add(st, top[0]["label"], None if emb is None else emb[i])
+        if model.drift.due and not model.scoring:
+            model.scoring = True
+            self._spawn(self._score_drift(model), self._shadow_tasks)
+
+    async def _score_drift(self, model:ServedModel):
+        try: score = await asyncio.to_thread(model.drift.score)
+        except Exception as e: log.warning("drift scoring of %s failed: %s", model.name, e); return
+        finally: model.scoring = False
+        m, name = self.metrics, model.name
+        m.drift_flag.labels(name).set(int(score.drift)); m.drift_threshold.labels(name).set(score.threshold)
+        for test, t in score.tests.items():
+            m.drift_p.labels(name, test).set(t["p"]); m.drift_stat.labels(name, test).set(t["stat"])
+        m.drift_scored.labels(name).set(time.time()); m.drift_windows.labels(name, str(score.drift).lower()).inc()
 
     def _decode(self, items:list[tuple[bytes, str]], models:list[ServedModel]) -> tuple[list, list, dict]:
         "Per model: inputs (N_good,3,S,S) and stats; and image index → ImageError for those that failed. All failed: raise."
@@ -214,9 +244,10 @@ class Gateway:
             except ImageError as e:
                 if len(items) == 1: raise
                 errors[i] = type(e)(f"image {i}: {e}"); continue  # same type, so the same status
+            size = Image.open(io.BytesIO(data)).size  # as it arrived (the decode may be at reduced scale): a header read
             for j, m in enumerate(models):
-                x, st = m.prepare(img)
-                xs[j].append(x); stats[j].append((img.width * img.height, st))
+                x, st = m.prepare(img, size)
+                xs[j].append(x); stats[j].append((size[0] * size[1], st))
         if len(errors) == len(items): raise errors[0]  # nothing to answer: the request is refused, as a single image is
         return [np.stack(x) for x in xs], stats, errors
 

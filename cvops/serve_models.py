@@ -16,7 +16,8 @@ from PIL import Image
 
 from .backends import Backend, make_backend
 from .bundle import ModelBundle
-from .preprocess import image_stats, normalize, resize_to, softmax
+from .drift import DriftPolicy, DriftWindow
+from .preprocess import image_statistics, normalize, resize_to, softmax
 from .serve_config import ServeSettings
 from .store import sha256_file
 
@@ -73,6 +74,8 @@ class ServedModel:
         self._idle = asyncio.Event(); self._idle.set()
         self.size = bundle.spec.size
         self.classes = np.asarray(bundle.classes)
+        self.drift: DriftWindow|None = None  # live drift against the bundle's reference (champions whose bundle has one)
+        self.scoring = False                 # a drift score is being computed off the request path
 
     @classmethod
     async def load(cls, bundle:ModelBundle,     # the bundle to serve
@@ -83,8 +86,14 @@ class ServedModel:
                   ) -> ServedModel:
         "Load `bundle` into the configured backend and warm it up."
         backend = build_backend(bundle, settings)
+        reference = bundle.reference() if settings.drift and role == "champion" else None
+        if reference is not None and bundle.embedding is not None and backend.kind == "onnxruntime":
+            backend.embedding = True  # Triton returns logits only: its drift uses the image statistics and classes
         await backend.load()
         m = cls(bundle, backend, role, name)
+        if reference is not None:
+            m.drift = DriftWindow(reference, DriftPolicy(window=settings.drift_window, every=settings.drift_every,
+                                                         min_interval_s=settings.drift_interval_s))
         if backend.kind == "onnxruntime":
             backend.on_batch = on_batch
             await backend.infer(np.zeros((1, 3, m.size, m.size), np.float32))  # warm-up: first-call allocations off the request path
@@ -108,10 +117,12 @@ class ServedModel:
             self.active -= 1
             if self.active == 0: self._idle.set()
 
-    def prepare(self, img:Image.Image) -> tuple[np.ndarray, dict]:
+    def prepare(self, img:Image.Image,       # the decoded image (possibly at reduced scale)
+                size:tuple[int, int],        # (width, height) of the image as it arrived
+               ) -> tuple[np.ndarray, dict]:
         "Model input (3,S,S) and input statistics of one decoded image (statistics on the resized image: cheap, bounded)."
         small = resize_to(img, self.bundle.spec)  # the shared decode path's resize (cvops.preprocess)
-        return normalize(small, self.bundle.spec), image_stats(Image.fromarray(small))
+        return normalize(small, self.bundle.spec), image_statistics(small, size)
 
     def topk(self, logits:np.ndarray, k:int) -> list[list[dict]]:
         "Softmax probabilities → the k best labels with scores, per row."

@@ -269,8 +269,8 @@ def test_metrics_parse_and_move_with_traffic(gw, assets):
     assert d("cvops_bad_inputs_total", status="400") == 1
     assert sample(m1, "cvops_model_info", role="champion", model="shapes", version="0", backend="onnxruntime") == 1
     # the brightness of this image lands in the right histogram bucket
-    from cvops.preprocess import PreprocessSpec, image_stats, load_image
-    b = image_stats(load_image(data).resize((64, 64), Image.BILINEAR))["brightness"]
+    from cvops.preprocess import PreprocessSpec, decode_resized, image_statistics
+    b = image_statistics(decode_resized(data, PreprocessSpec(size=64)), (0, 0))["brightness"]
     le = min(x for x in [round(i / 20, 2) for i in range(1, 21)] if x >= b)
     assert d("cvops_input_brightness_bucket", model="shapes", le=str(le)) == 3
 
