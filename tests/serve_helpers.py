@@ -30,8 +30,8 @@ def make_images(out: Path, n: int = 24, size: int = 64, seed: int = 0) -> list[P
 
 
 def make_bundle(out: Path, images: list[Path], size: int = 64, seed: int = 0, backbone: str = "mobilenet_v3_small",
-                name: str = "shapes") -> Path:
-    "Export a seeded torchvision CNN into a model bundle (contract D) with cvops.export.export_bundle."
+                name: str = "shapes", reference: list[Path] | None = None) -> Path:
+    "Export a seeded torchvision CNN into a model bundle (contract D) with cvops.export.export_bundle (with a drift reference from `reference`)."
     import torch, torchvision
     from cvops.export import export_bundle
     from cvops.preprocess import PreprocessSpec, preprocess_bytes
@@ -39,7 +39,8 @@ def make_bundle(out: Path, images: list[Path], size: int = 64, seed: int = 0, ba
     model = getattr(torchvision.models, backbone)(num_classes=4).eval()
     spec = PreprocessSpec(size=size)
     x = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in images[:16]])
-    out, _ = export_bundle(model, ["circle", "square", "star", "triangle"], spec, out, x, tolerance=1e-3, name=name)
+    out, _ = export_bundle(model, ["circle", "square", "star", "triangle"], spec, out, x, tolerance=1e-3, name=name,
+                           reference_images=[p.read_bytes() for p in reference] if reference else None)
     return out
 
 
