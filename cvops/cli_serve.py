@@ -17,7 +17,12 @@ __all__ = ['serve_command']
 @params_command(cli, "serve", ServeSettings)
 def serve_command(p:ServeSettings):
     "Serve models over HTTP: the registry's production version (or --ref, --model-dir, or a --models list / --config file) on ONNX Runtime or Triton."
+    from cvops.config import load_config, validate_params
     from cvops.serve import serve
+    project = load_config().serve  # the project's `serve:` settings in cvops.yaml, under the command line's
+    if project:
+        validate_params(ServeSettings, project, source="cvops.yaml serve")
+        p = validate_params(ServeSettings, {**project, **p.model_dump(exclude_unset=True)})
     p = load_serve_config(p)
     where = ", ".join(e.name or str(e.model_dir or e.model or "the project model") for e in p.models) if p.models else \
         (p.model_dir or f"{p.model or 'the project model'}@{p.ref}")

@@ -101,7 +101,8 @@ def run_demo(p:DemoParams,                # see `DemoParams`
     home = cfg.home_dir / "demo"
     port = free_port(preferred=p.port)
     echo(f"[2/3] gateway on http://127.0.0.1:{port} (model {cfg.model}, production)")
-    gateway = _spawn(["serve", "--host", "127.0.0.1", "--port", str(port)], home / "gateway.log", cfg.root)
+    # the demo captures a tenth of the traffic, as a new project does: what drift monitoring and labeling work from
+    gateway = _spawn(["serve", "--host", "127.0.0.1", "--port", str(port), "--capture-rate", "0.1"], home / "gateway.log", cfg.root)
     app = None
     try:
         _wait_http(f"http://127.0.0.1:{port}/readyz", gateway, 120, home / "gateway.log")

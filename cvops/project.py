@@ -18,8 +18,8 @@ from .errors import ParameterError
 from .pipeline import PACKAGED_STAGES, STAGES, stages_folder
 
 # %% auto #0
-__all__ = ['PROJECT_STAGES', 'GITIGNORE', 'config_yaml', 'starter_notebook', 'ci_workflow', 'readme', 'project_files',
-           'InitParams', 'init_project']
+__all__ = ['PROJECT_STAGES', 'NEW_PROJECT_SERVE', 'GITIGNORE', 'config_yaml', 'starter_notebook', 'ci_workflow', 'readme',
+           'project_files', 'InitParams', 'init_project']
 
 # %% ../nbs/51_project.ipynb #cf74c471
 PROJECT_STAGES = "stages"  # where `cvops init` puts the project's stage notebooks
@@ -39,6 +39,10 @@ def _stage_lines(spec) -> list[str]:
         else: lines.append(f"    {name}: {value}{note}")
     return lines
 
+# a new project captures a tenth of its traffic: the samples drift monitoring, labeling and retraining work from
+# (the library's own default stays off: nothing is written unless a project asks for it)
+NEW_PROJECT_SERVE = {"capture_rate": 0.1}
+
 def config_yaml(stages_dir:str=PROJECT_STAGES, # the project's stage notebooks folder
                ) -> str:                       # the text of a `cvops.yaml`
     "A commented `cvops.yaml` with every setting and every stage parameter at its default."
@@ -48,7 +52,8 @@ def config_yaml(stages_dir:str=PROJECT_STAGES, # the project's stage notebooks f
              "# CVOPS_MODEL and CVOPS_IMAGE_SIZE override the settings of the same names.", ""]
     for name, f in ProjectConfig.model_fields.items():
         if name in ("root", "params"): continue
-        lines += [f"# {f.description}", f"{name}: {_flow(cfg[name])}", ""]
+        value = NEW_PROJECT_SERVE if name == "serve" else cfg[name]
+        lines += [f"# {f.description}", f"{name}: {_flow(value)}", ""]
     lines += ["# per-stage parameter defaults; a commented one is filled in from the earlier stage named", "params:"]
     for spec in STAGES.values(): lines += _stage_lines(spec)
     return "\n".join(lines) + "\n"

@@ -96,6 +96,7 @@ def project(venv, tmp_path_factory) -> Path:
     assert r.returncode == 0, r.stdout + r.stderr
     assert {"cvops.yaml", ".gitignore", "README.md", "explore.ipynb", "stages"} <= {p.name for p in proj.iterdir()}
     assert (proj / ".github" / "workflows" / "pipeline.yml").exists()
+    assert "serve: {capture_rate: 0.1}" in (proj / "cvops.yaml").read_text()  # a new project captures a tenth of its traffic
     # the user's own change to a stage, made before the one run (a second run would double this test's time)
     nb_path = proj / "stages" / "05_gate.ipynb"
     nb = nbformat.read(nb_path, as_version=4)
