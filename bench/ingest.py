@@ -1,6 +1,7 @@
 """Ingest rate (SPEC §7): samples/s of `cvops.data.ingest` into FiftyOne (bundled MongoDB) vs a plain directory walk
-+ sha256 of every file, on a few thousand synthetic images. Also shows walk + hash + decode (`load_image`, the check
-that quarantines corrupt files: the floor any ingest that validates images must pay) and a re-ingest (all
++ sha256 of every file, on a few thousand synthetic images. Also shows walk + hash + decode (`load_image`, what ingest
+did before issue 15), walk + hash + `verify_image` (what it does now), the same plus the media copy (everything but
+FiftyOne), the bare creation of as many files (the floor of any ingest that keeps one media copy per image) and a re-ingest (all
 duplicates). Everything runs in a throwaway project; prints side by side with the target and writes
 bench/results/ingest.json."""
 import argparse
@@ -47,19 +48,30 @@ def walk_hash_verify(src: Path) -> int:
     return n
 
 
-def walk_hash_decode_copy(src: Path, dest: Path) -> int:
-    "Everything ingest must do per new file except FiftyOne: read, hash, decode, write the media copy."
+def walk_hash_verify_copy(src: Path, dest: Path) -> int:
+    "Everything ingest does per new file except FiftyOne: read, hash, verify_image, write the media copy."
     import shutil
-    from cvops.preprocess import load_image
+    from cvops.preprocess import verify_image
     shutil.rmtree(dest, ignore_errors=True)
     n = 0
     for dirpath, _, files in os.walk(src):
         for f in files:
             with open(os.path.join(dirpath, f), "rb") as fh: data = fh.read()
-            sha = hashlib.sha256(data).hexdigest(); load_image(data)
+            sha = hashlib.sha256(data).hexdigest(); verify_image(data)
             (dest / sha[:2]).mkdir(parents=True, exist_ok=True)
             with open(dest / sha[:2] / f"{sha}.png", "wb") as out: out.write(data)
             n += 1
+    return n
+
+
+def create_files(src: Path, dest: Path) -> int:
+    "The file-system floor of any ingest that keeps a media copy per image: create as many files, same bytes each."
+    import shutil
+    shutil.rmtree(dest, ignore_errors=True); dest.mkdir(parents=True)
+    data = b"x" * 2048
+    n = sum(len(files) for _, _, files in os.walk(src))
+    for i in range(n):
+        with open(dest / f"{i}.png", "wb") as out: out.write(data)
     return n
 
 
@@ -93,7 +105,8 @@ def main():
     walk_rate, walk_s = rate(walk_hash, src)
     decode_rate, decode_s = rate(walk_hash_decode, src)
     verify_rate, verify_s = rate(walk_hash_verify, src)
-    copy_rate, copy_s = rate(walk_hash_decode_copy, src, work / "copies")
+    copy_rate, copy_s = rate(walk_hash_verify_copy, src, work / "copies")
+    create_rate, create_s = rate(create_files, src, work / "created")
     t0 = time.perf_counter(); fiftyone_db(); db_start = time.perf_counter() - t0
     t0 = time.perf_counter(); rep = ingest(src, "bench", progress=False); ingest_s = time.perf_counter() - t0
     assert rep.added == args.n, rep.summary()
@@ -107,13 +120,14 @@ def main():
         "walk_hash": {"files_per_s": round(walk_rate, 1), "seconds": round(walk_s, 3)},
         "walk_hash_decode": {"files_per_s": round(decode_rate, 1), "seconds": round(decode_s, 3)},
         "walk_hash_verify": {"files_per_s": round(verify_rate, 1), "seconds": round(verify_s, 3)},
-        "walk_hash_decode_copy": {"files_per_s": round(copy_rate, 1), "seconds": round(copy_s, 3)},
+        "walk_hash_verify_copy": {"files_per_s": round(copy_rate, 1), "seconds": round(copy_s, 3)},
+        "create_files": {"files_per_s": round(create_rate, 1), "seconds": round(create_s, 3)},
         "ingest": {"samples_per_s": round(ingest_rate, 1), "seconds": round(ingest_s, 3)},
         "reingest_all_duplicates": {"files_per_s": round(args.n / reingest_s, 1), "seconds": round(reingest_s, 3)},
         "create_version": {"seconds": round(version_s, 3), "samples": len(v.samples)},
         "db_start_seconds": round(db_start, 2),
         "ratio_ingest_vs_walk_hash": round(ratio, 3), "ratio_ingest_vs_walk_hash_decode": round(ingest_rate / decode_rate, 3),
-        "ratio_ingest_vs_walk_hash_decode_copy": round(ingest_rate / copy_rate, 3),
+        "ratio_ingest_vs_walk_hash_verify_copy": round(ingest_rate / copy_rate, 3),
         "target_ratio": TARGET, "meets_target": ratio >= TARGET,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
@@ -122,13 +136,15 @@ def main():
     print(f"{'walk + sha256':<40}{walk_rate:>10.0f} /s{walk_s:>10.2f}")
     print(f"{'walk + sha256 + decode (load_image)':<40}{decode_rate:>10.0f} /s{decode_s:>10.2f}")
     print(f"{'walk + sha256 + verify_image (ingest)':<40}{verify_rate:>10.0f} /s{verify_s:>10.2f}")
-    print(f"{'walk + sha256 + decode + media copy':<40}{copy_rate:>10.0f} /s{copy_s:>10.2f}")
+    print(f"{'walk + sha256 + verify + media copy':<40}{copy_rate:>10.0f} /s{copy_s:>10.2f}")
+    print(f"{'create as many files (fs floor)':<40}{create_rate:>10.0f} /s{create_s:>10.2f}")
     print(f"{'cvops ingest into FiftyOne':<40}{ingest_rate:>10.0f} /s{ingest_s:>10.2f}")
     print(f"{'re-ingest (all already present)':<40}{args.n / reingest_s:>10.0f} /s{reingest_s:>10.2f}")
     print(f"{'create_version (blobs + manifest)':<40}{'':>14}{version_s:>10.2f}")
     print(f"ingest ÷ walk+hash: {ratio:.3f}x   target ≥ {TARGET}x   {'MET' if ratio >= TARGET else 'NOT MET'}")
     print(f"ingest ÷ walk+hash+decode: {ingest_rate / decode_rate:.3f}x   "
-          f"ingest ÷ walk+hash+decode+copy (all but FiftyOne): {ingest_rate / copy_rate:.3f}x")
+          f"ingest ÷ walk+hash+verify+copy (all but FiftyOne): {ingest_rate / copy_rate:.3f}x")
+    print(f"a media copy per image caps any ingest at the file-creation rate: {create_rate / walk_rate:.3f}x walk+hash here")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=2))
     print(f"wrote {args.out}")
