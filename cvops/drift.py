@@ -18,8 +18,8 @@ from .config import Params
 from .errors import ParameterError
 
 # %% auto #0
-__all__ = ['STATS', 'ks_test', 'psi', 'mmd_test', 'class_test', 'DriftReference', 'DriftPolicy', 'DriftScore', 'score_window',
-           'DriftWindow', 'RetrainPolicy', 'should_retrain']
+__all__ = ['STATS', 'ks_test', 'psi', 'mmd_test', 'class_test', 'DriftReference', 'DriftPolicy', 'DriftScore', 'EmbeddingSpace',
+           'score_window', 'DriftWindow', 'RetrainPolicy', 'should_retrain']
 
 # %% ../nbs/47_drift.ipynb #eb734c5c
 def ks_test(reference:np.ndarray, # 1-D sample from the reference
@@ -121,6 +121,7 @@ class DriftPolicy(Params):
     p_value: float = Field(0.05, gt=0, lt=1, description="family-wise significance; Bonferroni across the tests")
     n_permutations: int = Field(100, ge=10, description="permutations of the MMD test")
     max_reference: int = Field(300, ge=20, description="reference embeddings used by the MMD test (a random subset)")
+    embedding_dims: int|None = Field(32, ge=2, description="random projection of the embeddings to this many dimensions before MMD (None: all)")
 
 class DriftScore(BaseModel):
     "One window's drift: every test's statistic and p-value, and the decision."
@@ -131,11 +132,32 @@ class DriftScore(BaseModel):
     drift: bool
     time: str
 
+class EmbeddingSpace:
+    "The reference's embeddings (a seeded subset) under a seeded random projection: computed once per reference."
+    def __init__(self, reference:DriftReference, policy:DriftPolicy):
+        ref = reference.embedding_array.astype(np.float64)
+        if len(ref) > policy.max_reference:
+            ref = ref[np.random.default_rng(0).choice(len(ref), policy.max_reference, replace=False)]
+        self.mean = ref.mean(0) if len(ref) else None
+        self.axes = None
+        if len(ref) >= 2 and policy.embedding_dims and policy.embedding_dims < ref.shape[1]:
+            # alibi-detect reduces dimension before MMD too (an untrained autoencoder): a 1024-d kernel costs 30× a 32-d one.
+            # A random projection, not the reference's principal axes: axes fitted to the reference sample overstate its
+            # spread along them, and the test would then find "drift" in undrifted traffic
+            k = policy.embedding_dims
+            self.axes = np.random.default_rng(0).normal(size=(ref.shape[1], k)) / np.sqrt(k)
+        self.reference = self.project(ref) if len(ref) else ref
+
+    def project(self, x:np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float64) - self.mean
+        return x @ self.axes if self.axes is not None else x
+
 def score_window(reference:DriftReference,      # the model's reference
                  stats_:dict[str, list[float]],  # statistic → values in the window
                  embeddings:np.ndarray|None,     # (n, d) window embeddings, or None when the model has none
                  classes:list[str],              # predicted class per request in the window
                  policy:DriftPolicy|None=None,
+                 space:EmbeddingSpace|None=None, # the reference's embedding space (default: computed here; `DriftWindow` keeps one)
                 ) -> DriftScore:
     "Score one window of traffic against the reference."
     policy = policy or DriftPolicy()
@@ -144,11 +166,9 @@ def score_window(reference:DriftReference,      # the model's reference
         if name in reference.stats and len(values) >= 2:
             ks, p = ks_test(reference.stats[name], values)
             tests[name] = dict(stat=ks, p=p, psi=psi(reference.stats[name], values))
-    ref_emb = reference.embedding_array
-    if embeddings is not None and len(embeddings) >= 2 and len(ref_emb) >= 2:
-        if len(ref_emb) > policy.max_reference:
-            ref_emb = ref_emb[np.random.default_rng(0).choice(len(ref_emb), policy.max_reference, replace=False)]
-        m2, p = mmd_test(ref_emb, embeddings, policy.n_permutations)
+    if embeddings is not None and len(embeddings) >= 2 and len(reference.embeddings) >= 2:
+        space = space or EmbeddingSpace(reference, policy)
+        m2, p = mmd_test(space.reference, space.project(embeddings), policy.n_permutations)
         tests["embedding"] = dict(stat=m2, p=p)
     counts = {c: classes.count(c) for c in set(classes)}
     chi2, p, js = class_test(reference.classes, counts)
@@ -167,6 +187,7 @@ class DriftWindow:
         self._stats = {k: deque(maxlen=n) for k in reference.stats}
         self._emb, self._cls = deque(maxlen=n), deque(maxlen=n)
         self._lock, self._since, self._scored_at = threading.Lock(), 0, 0.0
+        self._space = EmbeddingSpace(reference, self.policy) if reference.embeddings else None
         self.last: DriftScore|None = None
 
     def add(self, stats_:dict[str, float], # `preprocess.image_statistics` of the request's image
@@ -192,7 +213,7 @@ class DriftWindow:
             stats_ = {k: list(q) for k, q in self._stats.items()}
             emb = np.stack(self._emb) if len(self._emb) >= 2 else None
             cls, self._since, self._scored_at = list(self._cls), 0, time.monotonic()
-        self.last = score_window(self.reference, stats_, emb, cls, self.policy)
+        self.last = score_window(self.reference, stats_, emb, cls, self.policy, self._space)
         return self.last
 
 # %% ../nbs/47_drift.ipynb #6c379f2e

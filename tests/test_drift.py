@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
@@ -24,12 +25,14 @@ WINDOW = 60
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("drift")
-    train = make_images(root / "train", n=160, seed=0)
+    # the generator's files sort by class; traffic arrives in no particular order: shuffle (seeded: the test is deterministic)
+    rng = np.random.default_rng(0)
+    train = list(rng.permutation(make_images(root / "train", n=160, seed=0)))
     bundle = make_bundle(root / "bundle", train, reference=train[:120])  # the reference: 120 training images
-    clean = make_images(root / "clean", n=WINDOW * 2, seed=1)
+    clean = list(rng.permutation(make_images(root / "clean", n=WINDOW * 2, seed=1)))
     from cvops.synth import generate
     generate(out=root / "drifted", n=WINDOW * 2, seed=2, brightness=2.2, blur=1.5, progress=False)  # the demo's drift knobs
-    return dict(root=root, bundle=bundle, clean=clean, drifted=sorted((root / "drifted").rglob("*.png")))
+    return dict(root=root, bundle=bundle, clean=clean, drifted=list(rng.permutation(sorted((root / "drifted").rglob("*.png")))))
 
 
 @pytest.fixture(scope="module")
