@@ -54,6 +54,7 @@ class ServeSettings(Params):
     capture_rate: float = Field(0.0, ge=0, le=1, description="share of requests whose input and prediction are captured")
     capture_url: str|None = Field(None, description="where captures go: a store folder or fsspec URL (default: the project's store)")
     capture_queue: int = Field(256, ge=1, description="captures waiting to be written; more are dropped (and counted)")
+    watch_s: float = Field(30.0, ge=0, description="every this many seconds, reload a registry-served model whose ref (e.g. production) moved (0: only on /v1/admin/reload)")
     drift: bool = Field(True, description="score drift on live traffic against the model's reference (when its bundle has one)")
     drift_window: int = Field(300, ge=20, description="requests per drift window (per model)")
     drift_every: int = Field(100, ge=1, description="score the window after this many new requests")

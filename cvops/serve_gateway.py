@@ -86,6 +86,7 @@ class Gateway:
         self._shadow_tasks: set[asyncio.Task] = set()   # shadow calls in flight (capped)
         self._closing: set[asyncio.Task] = set()        # replaced models closing after their last request
         self._random = random.Random()
+        self._watcher: asyncio.Task|None = None         # follows the registry's refs (`settings.watch_s`)
         self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="decode")  # one thread: decoding stays in order, GIL-light
 
     @property
@@ -115,9 +116,20 @@ class Gateway:
                 self._set(slot, await self._load(slot, await asyncio.to_thread(resolve_bundle, s, s.shadow, s.shadow_dir), "challenger"))
             log.info("serving %s: %s v%s on %s", name, bundle.name, bundle.version, slot.champion.backend.kind)
         if self.settings.capture_rate > 0: self.capture = self._capture_writer().start()
+        watched = [n for n, sl in self.slots.items() if sl.settings.model_dir is None]
+        if self.settings.watch_s > 0 and watched: self._watcher = asyncio.create_task(self._watch(watched), name="registry-watch")
+
+    async def _watch(self, names:list[str]):
+        "Follow the registry: reload a model when its ref points at another version (a promotion by `cvops loop`, a rollback)."
+        while True:
+            await asyncio.sleep(self.settings.watch_s)
+            for name in names:
+                try: await self.reload(name=name)  # a no-op (same version and bytes) unless the ref moved
+                except Exception as e: log.warning("registry watch: reloading %s failed: %s", name, e)
 
     async def stop(self):
         "Cancel shadow calls, close the models after their requests (10 s at most), stop capture (the app's shutdown)."
+        if self._watcher is not None: self._watcher.cancel()
         for t in self._shadow_tasks: t.cancel()
         for slot in self.slots.values():
             for m in (slot.champion, slot.challenger):
