@@ -95,7 +95,8 @@ def _ingest(root):
     from cvops.synth import generate
     generate(out=root / "shapes", n=24, seed=1, size=32, progress=False)
     ingest(root / "shapes", "lab", progress=False)
-    caps = sorted(generate(out=root / "capsrc", n=8, seed=2, size=32, progress=False).rglob("*.png"))[:6]
+    generate(out=root / "capsrc", n=8, seed=2, size=32, progress=False)
+    caps = sorted((root / "capsrc").rglob("*.png"))[:6]
     fs = fsspec.filesystem("file")
     for i, (f, scores) in enumerate(zip(caps, TOPK)):
         top = [{"label": CLASSES[(i + j) % 4], "score": s} for j, s in enumerate(scores)]
