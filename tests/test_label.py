@@ -183,14 +183,17 @@ def test_browser_annotation(project):
     cred = json.loads((project["root"] / ".cvops" / "labelstudio" / "credentials.json").read_text())
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1280, "height": 1400})  # all four choices on screen
         page.goto(conn.url + "/user/login")
         page.fill("input[name=email]", cred["username"]); page.fill("input[name=password]", cred["password"])
         page.click("button[type=submit]")
-        page.wait_for_url("**/projects**", timeout=60000)
+        page.wait_for_url(lambda u: "/user/login" not in u, timeout=60000)
         page.goto(f"{conn.url}/projects/{r['project_id']}/data?task={s.label_task}")
-        page.get_by_text(choice, exact=True).first.click(timeout=60000)
-        page.get_by_role("button", name="Submit").click(timeout=30000)
+        try:
+            page.get_by_text(choice).first.click(timeout=60000)  # the choice's text carries its hotkey: not an exact match
+            page.get_by_role("button", name="Submit").click(timeout=30000)
+        except Exception:
+            page.screenshot(path=str(project["root"] / "browser.png")); raise
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and not _api(conn, "GET", f"/api/tasks/{s.label_task}")["annotations"]:
             time.sleep(0.5)
