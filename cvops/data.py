@@ -253,7 +253,8 @@ def _sample_fields(fo, item:SourceItem, size:tuple|None) -> dict:
     fields = {k: v for k, v in item.fields.items() if not k.startswith("_") and v is not None}
     if item.fields.get("_prediction"):
         plabel, score = item.fields["_prediction"]
-        fields["capture_prediction"] = fo.Classification(label=plabel, confidence=score).to_mongo()
+        topk = [{"label": l, "score": s} for l, s in item.fields.get("_topk") or []]  # what `cvops.rank` measures uncertainty on
+        fields["capture_prediction"] = fo.Classification(label=plabel, confidence=score, **({"topk": topk} if topk else {})).to_mongo()
     if item.fields.get("_boxes") and (item.fields.get("_size") or size):
         w, h = item.fields.get("_size") or size  # COCO sizes when given, else the decoded size
         fields["ground_truth_detections"] = fo.Detections(detections=[

@@ -260,6 +260,8 @@ def _captures_items(src:str) -> tuple[list[SourceItem], list[str]]:
                            capture_model=_str_or_none(meta.get("model")),
                            capture_model_version=version if isinstance(version, int) and not isinstance(version, bool) else None,
                            _prediction=(str(pred.get("label")), None if pred.get("score") is None else _as_num(pred.get("score"))),
+                           _topk=[(str(t["label"]), _as_num(t.get("score"))) for t in meta.get("topk") or []  # scores for ranking
+                                  if isinstance(t, dict) and t.get("label") is not None and t.get("score") is not None],
                            _expected_sha=meta.get("sha256"))
         items.append(item)
     return items, skipped + sorted(rel(h) for h in hidden)

@@ -12,11 +12,8 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -27,13 +24,14 @@ from .bundle import ModelBundle  # the one reader of bundles (contract D)
 from .config import Params, load_config, validate_params
 from .errors import CvopsError, ParameterError
 from .registry import check_model_name  # one rule for model names: they become folder names in both
+from .toolenv import base_python, clean_env, default_env_dir, ensure_env, free_port, http_ok  # the own-env machinery
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'Variant', 'VARIANTS', 'MODEL_FILE', 'PYTHON_MODEL', 'TRITON_REQUIREMENTS', 'TritonBatching', 'TritonInstances',
            'TensorRTAccelerator', 'triton_config', 'build_repository', 'TritonEnv', 'default_triton_env_dir',
-           'base_python', 'ensure_triton_env', 'free_port', 'TritonServer', 'triton_infer']
+           'ensure_triton_env', 'TritonServer', 'triton_infer']
 
 # %% ../nbs/32_triton.ipynb #c9eafcf2
 Variant = Literal["python", "onnxruntime", "tensorrt", "onnxruntime-trt"]
@@ -252,21 +250,14 @@ class TritonEnv:
 
     def server_env(self, base:dict|None=None) -> dict:
         "Environment for `tritonserver`: this venv first on PATH, LIBDIR on LD_LIBRARY_PATH, no leaks from the caller's venv."
-        env = dict(os.environ if base is None else base)
-        for k in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "CONDA_PREFIX"): env.pop(k, None)
-        env["PATH"] = os.pathsep.join([str(self.bin), env.get("PATH", "/usr/bin:/bin")])
+        env = clean_env(self.path, base)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in [str(self.libdir), str(self.libs), env.get("LD_LIBRARY_PATH", "")] if p)
-        env["PYTHONNOUSERSITE"] = "1"
         return env
 
 def default_triton_env_dir(home:str|Path|None=None) -> Path:
     "`CVOPS_TRITON_ENV`, else `<home>/triton-env` with home the project's `.cvops` folder."
-    if home is None and os.environ.get("CVOPS_TRITON_ENV"): return Path(os.environ["CVOPS_TRITON_ENV"]).expanduser().resolve()
-    return (Path(home) if home else load_config().home_dir).expanduser().resolve() / "triton-env"
+    return default_env_dir("triton", home, env_var="CVOPS_TRITON_ENV")
 
-def base_python() -> Path:
-    "The interpreter a new venv is made from: the base interpreter behind the current venv, if any."
-    return Path(getattr(sys, "_base_executable", None) or sys.executable)
 
 # %% ../nbs/32_triton.ipynb #baab35ad
 def _locate(env_dir:Path) -> TritonEnv:
@@ -291,50 +282,15 @@ def _locate(env_dir:Path) -> TritonEnv:
     if not env.tritonserver.is_file(): raise CvopsError(f"no tritonserver binary at {env.tritonserver}")
     return env
 
-def _pip_log(cmd:list, logf, timeout:float):
-    logf.write(f"$ {' '.join(map(str, cmd))}\n"); logf.flush()
-    subprocess.run(list(map(str, cmd)), stdout=logf, stderr=subprocess.STDOUT, check=True, timeout=timeout)
-
-def _tail(path:Path, n:int=25) -> str:
-    try: return "\n".join(Path(path).read_text(errors="replace").splitlines()[-n:])
-    except OSError: return "(no log)"
-
 def ensure_triton_env(env_dir:str|Path|None=None,  # default: `default_triton_env_dir()`
                       python:str|Path|None=None,   # interpreter to build the venv from (default: the base interpreter)
                       requirements:tuple[str, ...]=TRITON_REQUIREMENTS,
                       timeout:float=1800,           # seconds allowed for the installs
                      ) -> TritonEnv:
     "Return the Triton environment, creating it first if needed (idempotent, safe across processes)."
-    from filelock import FileLock, Timeout
-    env_dir = Path(env_dir).expanduser().resolve() if env_dir else default_triton_env_dir()
-    stamp, want = env_dir / _STAMP, {"requirements": list(requirements)}
-    def ready():
-        try: return json.loads(stamp.read_text()).get("requirements") == want["requirements"]
-        except (OSError, ValueError): return False
-    if ready(): return _locate(env_dir)
-    env_dir.parent.mkdir(parents=True, exist_ok=True)
-    logfile = env_dir.with_name(env_dir.name + ".log")
-    try:
-        with FileLock(str(env_dir.with_name(env_dir.name + ".lock")), timeout=timeout):
-            if ready(): return _locate(env_dir)  # another process finished it while we waited
-            log.info("creating the Triton environment in %s (log: %s)", env_dir, logfile)
-            if env_dir.exists() and any(env_dir.iterdir()) and not (env_dir / "pyvenv.cfg").exists():
-                raise CvopsError(f"{env_dir} exists and is not a virtual environment: choose another Triton env folder")
-            shutil.rmtree(env_dir, ignore_errors=True)  # a half-made env from an interrupted run
-            py = Path(python) if python else base_python()
-            start = time.monotonic()
-            with open(logfile, "w") as logf:
-                _pip_log([py, "-m", "venv", env_dir], logf, timeout)
-                _pip_log([env_dir / "bin" / "python", "-m", "pip", "install", "--progress-bar", "off",
-                          "--disable-pip-version-check", *requirements], logf, timeout)
-            env = _locate(env_dir)
-            stamp.write_text(json.dumps({**want, "python": str(py), "seconds": round(time.monotonic() - start, 1),
-                                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}, indent=2))
-            return env
-    except Timeout:
-        raise CvopsError(f"waited {timeout:.0f} s for another process creating the Triton env {env_dir}") from None
-    except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as e:
-        raise CvopsError(f"could not create the Triton env {env_dir}: {e}\n--- last lines of {logfile} ---\n{_tail(logfile)}") from None
+    return ensure_env(env_dir or default_triton_env_dir(), requirements, _locate, what="Triton", stamp=_STAMP,
+                      python=python, timeout=timeout)
+
 
 # %% ../nbs/32_triton.ipynb #ea6e46d2
 _RUNNING: set = set()
@@ -342,16 +298,6 @@ _RUNNING: set = set()
 @atexit.register
 def _stop_all():
     for s in list(_RUNNING): s.stop()
-
-def free_port(host:str="127.0.0.1", # interface to bind
-              preferred:int=0,        # a port to use if it is free (0: any)
-             ) -> int:
-    "`preferred` if it is free on `host` right now, else any free TCP port."
-    for port in ([preferred] if preferred else []) + [0]:
-        with socket.socket() as s:
-            try: s.bind((host, port)); return s.getsockname()[1]
-            except OSError: continue
-    raise CvopsError(f"no free TCP port on {host}")
 
 _NOISE = ("CudaDriverHelper has not been initialized", "Unable to allocate pinned system memory", "GPU metrics")
 
@@ -361,11 +307,6 @@ def _log_errors(text:str, n:int=8) -> str:
     errs = [l.split("\\n")[0][:400] for l in lines
             if (re.match(r"^E\d{4} ", l) or l.startswith("error:")) and not any(x in l for x in _NOISE)]
     return "\n".join(errs[-n:]) if errs else "\n".join(lines[-15:]) or "(empty log)"
-
-def _http_ok(url:str, timeout:float=1.0) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r: return r.status == 200
-    except OSError: return False
 
 class TritonServer:
     "A `tritonserver` process on 127.0.0.1 serving a model repository (context manager)."
@@ -407,7 +348,7 @@ class TritonServer:
     def __repr__(self): return f"TritonServer(pid={self.pid}, http={self.http_url}, grpc={self.grpc_url}, repo={self.repository})"
 
     def is_running(self) -> bool: return self.proc is not None and self.proc.poll() is None
-    def is_ready(self) -> bool: return self.is_running() and _http_ok(f"http://{self.http_url}/v2/health/ready")
+    def is_ready(self) -> bool: return self.is_running() and http_ok(f"http://{self.http_url}/v2/health/ready")
 
     # -- lifecycle -------------------------------------------------------------
     def command(self) -> list[str]:
@@ -457,7 +398,7 @@ class TritonServer:
         while time.monotonic() - start < self.ready_timeout:
             if self.proc.poll() is not None:
                 self._why = f"it exited with code {self.proc.returncode}"; self.stop(); return False
-            if _http_ok(f"http://{self.http_url}/v2/health/ready", timeout=0.5):
+            if http_ok(f"http://{self.http_url}/v2/health/ready", timeout=0.5):
                 self.startup_seconds = time.monotonic() - start
                 log.info("tritonserver pid %s ready in %.1f s on %s", self.pid, self.startup_seconds, self.http_url)
                 return True
