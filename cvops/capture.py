@@ -14,10 +14,9 @@ import threading
 import uuid
 from dataclasses import dataclass
 
-import fsspec
 
 from .errors import CvopsError
-from .store import sha256_bytes
+from .store import open_url, sha256_bytes, storage_options_for
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +77,7 @@ class CaptureWriter:
                 ):
         if not 0.0 <= rate <= 1.0: raise CvopsError(f"capture rate must be between 0 and 1, got {rate}")
         self.url, self.rate, self.on_outcome = str(url), rate, on_outcome
-        self.fs, self.root = fsspec.core.url_to_fs(self.url)
+        self.fs, self.root = open_url(self.url, storage_options_for(self.url))  # the project's storage options; a bucket checked
         self.root = self.root.rstrip("/")
         self.counts = {"written": 0, "dropped": 0, "failed": 0}
         self._queue: queue.Queue = queue.Queue(maxsize=max_queue)

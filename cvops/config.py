@@ -152,6 +152,7 @@ class ProjectConfig(BaseModel):
     stages: tuple[str, ...] = Field(DEFAULT_STAGES, description="pipeline stage order")
     stages_dir: Path = Field(Path("nbs/stages"), description="folder of the stage notebooks (`NN_<stage>.ipynb`)")
     params: dict[str, dict[str, Any]] = Field(default_factory=dict, description="per-stage parameter defaults")
+    labelstudio_url: str|None = Field(None, description="a hosted Label Studio to label in (its API key in FIFTYONE_LABELSTUDIO_API_KEY); default: cvops runs its own on loopback")
     serve: dict[str, Any] = Field(default_factory=dict, description="settings of `cvops serve` in this project (any of its options, e.g. capture_rate: 0.1); the command line wins")
 
     def path(self, p:str|Path) -> Path:

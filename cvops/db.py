@@ -140,6 +140,7 @@ def open_dataset(name:str|None=None,             # FiftyOne dataset name (defaul
     if fo.dataset_exists(name): return fo.load_dataset(name)
     if not create: raise NotFoundError("dataset", name, fo.list_datasets())
     ds = fo.Dataset(name, persistent=True)
+    ds.media_type = "image"  # set while empty: ingest inserts raw documents, which leave it unset (annotate() needs it)
     declare_sample_fields(ds, fo)
     ds.create_index("sha256", unique=True)
     ds.info["split_fractions"] = list(DEFAULT_FRACTIONS)

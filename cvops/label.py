@@ -54,7 +54,7 @@ def send(dataset:str|None=None,            # FiftyOne dataset (default: the proj
     cands = _candidates(ds, view)
     n = len(cands)
     if not n: return {"run": None, "sent": 0, "candidates": 0}
-    if ds.media_type is None:  # ingest inserts raw documents, which leaves it unset; FiftyOne's setter refuses non-empty datasets
+    if ds.media_type is None:  # a dataset created before `open_dataset` set it; FiftyOne's setter refuses non-empty datasets
         ds._doc.media_type = "image"; ds._doc.save(); ds.reload()
     rank_captures(cands)
     batch = cands.sort_by("label_priority", reverse=True).limit(limit)

@@ -78,7 +78,8 @@ STAGES = {s.name: s for s in [
     StageSpec(name="deploy", params="cvops.deploy:DeployParams",
               inputs={"model_version": "export.model_version", "promote": "gate.promote", "reason": "gate.reason", **_DATASET},
               preload="import onnxruntime, pandas, cvops.data, cvops.deploy"),
-    # optional stages: not in the default order, run by naming them (`cvops run --stages monitor`)
+    # optional stages: not in the default order, run by naming them (`cvops run --stages label`)
+    StageSpec(name="label", params="cvops.label:LabelStageParams", preload=_FIFTYONE + "; import cvops.label"),
     StageSpec(name="monitor", params="cvops.monitor:MonitorParams", preload="import onnxruntime, pandas, matplotlib.pyplot, cvops.monitor"),
 ]}
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from .bundle import ModelBundle
 from .errors import CvopsError
-from .preprocess import image_stats, load_image, preprocess_bytes
+from .preprocess import PreprocessSpec, image_statistics, load_image, preprocess_bytes, resize_to
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,11 @@ def uncertainty(scores:list[float],    # top-k probabilities, any order
     return round(max(margin, 0.0), 6), round(min(h / math.log(k), 1.0), 6)
 
 # %% ../nbs/16_rank.ipynb #5b84f859
+_STATS_SPEC = PreprocessSpec(size=64)  # brightness and contrast measured at a small, fixed size (cheap, size-independent)
+
 def _stats_vector(data:bytes) -> list[float]:
-    s = image_stats(load_image(data))
+    img = load_image(data)
+    s = image_statistics(resize_to(img, _STATS_SPEC), img.size)
     return [s["brightness"], s["contrast"], math.log(max(s["width"] * s["height"], 1.0))]
 
 def novelty_scores(paths:list[str],      # the images to score

@@ -229,8 +229,7 @@ def _as_num(x):
 
 # %% ../nbs/13_sources.ipynb #9efc4e66
 def _captures_items(src:str) -> tuple[list[SourceItem], list[str]]:
-    import fsspec
-    fs, root = fsspec.core.url_to_fs(str(src))
+    fs, root = open_url(str(src), storage_options_for(src))  # a bucket is checked first: one clear error
     root = root.rstrip("/")
     names = sorted(fs.find(root))
     hidden = {p for p in names if p.rsplit("/", 1)[-1].startswith(".") or p.endswith(".part")}  # .part: being written
