@@ -30,6 +30,7 @@ class DemoParams(Params):
     requests: int = Field(5, ge=1, le=100, description="example predictions to request")
     app: bool = Field(True, description="also launch the FiftyOne App")
     keep_serving: bool|None = Field(None, description="keep serving until Ctrl-C (default: only in a terminal)")
+    loop: bool = Field(False, description="then the second act: drifted traffic, labeling in Label Studio, retraining, the new model served")
 
 def _wait_http(url:str, proc:subprocess.Popen, timeout:float, log:Path) -> None:
     import httpx
@@ -115,11 +116,15 @@ def run_demo(p:DemoParams,                # see `DemoParams`
         if p.app: app = _start_app(p, version, cfg, home, urls, echo)
         for k, v in urls.items(): echo(f"      {k:<13} {v}")
         echo(f"      try: curl -s -F file=@image.png {urls['predict']}")
+        act2 = None
+        if p.loop:
+            from cvops.demo_loop import LoopActParams, loop_act
+            act2 = loop_act(LoopActParams(), f"http://127.0.0.1:{port}", cfg, echo)
         keep = p.keep_serving if p.keep_serving is not None else sys.stdin.isatty() and sys.stdout.isatty()
         if keep:
             echo("serving until Ctrl-C …")
             try: gateway.wait()
             except KeyboardInterrupt: echo("stopping")
-        return dict(run=m.id, lineage=m.lineage, answers=answers, urls=urls)
+        return dict(run=m.id, lineage=m.lineage, answers=answers, urls=urls, loop=act2)
     finally:
         _stop(app); _stop(gateway)

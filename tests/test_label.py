@@ -12,19 +12,16 @@ which later sessions copy (a start on a copy ≈ 3.5 s).
 """
 import json
 import os
-import shutil
 import subprocess
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
-from filelock import FileLock
 
 from conftest import ROOT, run_cli
 from cvops.errors import CvopsError
-
-SEED = ROOT / ".cvops" / "labelstudio-seed"
+from labelstudio_helpers import SEED, labelstudio_env_or_skip, labelstudio_seed, start_from_seed
 CLASSES = ["circle", "square", "star", "triangle"]
 
 
@@ -39,28 +36,13 @@ def _api(conn, method, path, body=None):
 
 @pytest.fixture(scope="session")
 def ls_env():
-    os.environ.setdefault("CVOPS_LABELSTUDIO_ENV", str(ROOT / ".cvops" / "labelstudio-env"))
-    from cvops.label_server import ensure_labelstudio_env
-    try: return ensure_labelstudio_env()
-    except CvopsError as e: pytest.skip(f"the Label Studio env cannot be created here: {str(e).splitlines()[0]}")
+    return labelstudio_env_or_skip()
 
 
 @pytest.fixture(scope="session")
 def seed(ls_env, tmp_path_factory):
     "A migrated Label Studio data folder with its admin, made once per machine and copied by every session."
-    from cvops.label_server import LabelStudioServer
-    SEED.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(SEED) + ".lock", timeout=1200):
-        if not (SEED / "data" / "label_studio.sqlite3").exists():
-            home = tmp_path_factory.mktemp("lsseed")
-            srv = LabelStudioServer(home, ready_timeout=900).start()
-            first = srv.startup_seconds
-            srv.stop()
-            tmp = SEED.with_name(SEED.name + ".tmp"); shutil.rmtree(tmp, ignore_errors=True); tmp.mkdir()
-            shutil.copytree(srv.data_dir, tmp / "data"); shutil.copy2(srv.dir / "credentials.json", tmp / "credentials.json")
-            (tmp / "first_start.json").write_text(json.dumps({"seconds": first}))
-            shutil.rmtree(SEED, ignore_errors=True); os.replace(tmp, SEED)
-    return SEED
+    return labelstudio_seed(tmp_path_factory.mktemp("lsseed"))
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +52,7 @@ def project(seed, tmp_path_factory):
     env = {"CVOPS_HOME": str(root / ".cvops"), "CVOPS_STORE_URL": str(root / "store"), "CVOPS_DATASET": "lab"}
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
-    from cvops.label_server import LabelStudioServer
-    (root / ".cvops" / "labelstudio").mkdir(parents=True)
-    shutil.copy2(seed / "credentials.json", root / ".cvops" / "labelstudio" / "credentials.json")
-    srv = LabelStudioServer(root / ".cvops", seed=seed / "data").start()
+    srv = start_from_seed(root / ".cvops", seed)
     _ingest(root)
     yield {"root": root, "server": srv}
     srv.stop()
