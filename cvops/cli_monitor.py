@@ -9,6 +9,7 @@ import click
 from pydantic import Field
 
 from .cli import cli, params_command
+from .errors import ParameterError
 from .loop import LoopParams
 from .monitor import MonitorParams
 
@@ -32,6 +33,7 @@ def monitor_cmd(p:MonitorParams):
 
 class LoopCommand(LoopParams):
     "`cvops loop`: one turn now, or a receiver for Alertmanager's webhook that runs a turn per firing alert."
+    once: bool = Field(True, description="run one turn now and exit (for cron, CI or an Argo CronWorkflow)")
     webhook: bool = Field(False, description="serve Alertmanager's webhook (POST /alerts) instead of running once")
     host: str = Field("127.0.0.1", description="webhook address")
     port: int = Field(9095, ge=1, le=65535, description="webhook port")
@@ -41,6 +43,8 @@ def loop_cmd(p:LoopCommand):
     "Close the loop: measure drift and new labels, decide, retrain through the pipeline when the decision says so."
     from cvops.loop import loop_once, webhook_app
     params = LoopParams(**p.model_dump(include=set(LoopParams.model_fields)))
+    if p.webhook and p.once and "once" in p.model_fields_set:
+        raise ParameterError("--once and --webhook exclude each other: one turn now, or a turn per alert")
     if p.webhook:
         import uvicorn
         click.echo(f"waiting for Alertmanager on http://{p.host}:{p.port}/alerts", err=True)

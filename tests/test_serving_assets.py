@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
@@ -102,12 +103,17 @@ def test_dashboard_queries_only_metrics_the_gateway_exports(tmp_path):
     bundle = tmp_path / "bundle"
     _toy_bundle(bundle)
     with Gateway("--model-dir", bundle, "--shadow-dir", bundle, "--capture-rate", 1, "--capture-url", tmp_path / "store",
+                 "--drift-window", 20, "--drift-every", 20, "--drift-interval-s", 0,
                  env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g:
         from PIL import Image
-        import io
-        buf = io.BytesIO(); Image.new("RGB", (20, 20), (120, 50, 200)).save(buf, "PNG")
+        import io, time
         with httpx.Client(base_url=g.url) as c:
-            assert c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"}).status_code == 200
+            for i in range(20):  # a full drift window, so the drift gauges have samples
+                buf = io.BytesIO(); Image.new("RGB", (20, 20), (120, 50 + 5 * i, 200)).save(buf, "PNG")
+                assert c.post("/v1/predict", content=buf.getvalue(), headers={"content-type": "image/png"}).status_code == 200
+            for _ in range(50):
+                if "cvops_drift_windows_total{" in c.get("/metrics").text: break
+                time.sleep(0.1)
             assert c.post("/v1/predict", content=b"", headers={"content-type": "image/png"}).status_code == 400
             assert c.post("/v1/admin/reload").status_code == 200
             assert c.get("/readyz").status_code == 200
@@ -119,11 +125,18 @@ def test_dashboard_queries_only_metrics_the_gateway_exports(tmp_path):
     assert used <= exported, f"dashboard queries metrics the gateway does not export: {sorted(used - exported)}"
     # and the dashboard covers each area the gateway measures
     for needed in ("cvops_requests_total", "cvops_request_latency_seconds_bucket", "cvops_predictions_total",
-                   "cvops_input_brightness_bucket", "cvops_input_contrast_bucket", "cvops_capture_total", "cvops_shadow_agreement"):
+                   "cvops_input_brightness_bucket", "cvops_input_contrast_bucket", "cvops_capture_total", "cvops_shadow_agreement",
+                   "cvops_drift_flag", "cvops_drift_p_value"):
         assert needed in used, needed
 
 
 def _toy_bundle(folder: Path, size: int = 16):
-    "A tiny ONNX model bundle (cvops.bundle.toy_bundle)."
-    from cvops.bundle import toy_bundle
-    toy_bundle(folder, size=size)
+    "A tiny ONNX model bundle (cvops.bundle.toy_bundle) with an embedding and a drift reference."
+    from cvops.bundle import ModelBundle, toy_bundle, write_bundle
+    from cvops.drift import DriftReference
+    toy_bundle(folder, size=size, embedding=True)
+    b = ModelBundle.load(folder)
+    rng = np.random.default_rng(0)
+    ref = DriftReference(stats={"brightness": rng.random(40).tolist(), "contrast": rng.random(40).tolist()},
+                         embeddings=rng.random((40, 3)).tolist(), classes={c: 10 for c in b.classes})
+    write_bundle(folder, list(b.classes), b.spec, name="toy", embedding_dim=3, reference=ref.model_dump())
