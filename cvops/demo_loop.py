@@ -79,7 +79,7 @@ def wait_scored(client, model:str, after:int, timeout:float=60) -> dict:
 
 def served_version(client) -> int:
     "The version of the default model the gateway serves now."
-    return int(client.get("/v1/models").json()["models"][0]["version"])
+    return int(client.get("/v1/models").json()[0]["version"])
 
 # %% ../nbs/97_demo_loop.ipynb #621ed7a5
 def label_from_truth(truth:dict[str, str],  # sha256 of the image bytes → true class

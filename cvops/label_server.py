@@ -94,7 +94,10 @@ def hosted_connection(cfg=None) -> LabelStudioConnection|None:
 
 # %% ../nbs/15_label_server.ipynb #fcf2ac10
 OFFLINE_ENV = {"LATEST_VERSION_CHECK": "false", "COLLECT_ANALYTICS": "false", "SENTRY_DSN": "", "FRONTEND_SENTRY_DSN": "",
-               "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true"}
+               "LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK": "true",
+               # FiftyOne uploads one send's images in a single request: Django's default cap of 100 files would refuse
+               # a bigger send with a 500 (a hosted Label Studio needs the same setting for sends over 100)
+               "DATA_UPLOAD_MAX_NUMBER_FILES": "10000"}
 
 def _alive(pid:int) -> bool:
     "True while `pid` runs (a zombie — exited, not yet reaped by its parent — counts as gone, and is reaped if ours)."
