@@ -28,7 +28,7 @@ def project(tmp_path_factory):
     root.mkdir()
     (root / "cvops.yaml").write_text(yaml.safe_dump({
         "image_size": 32,  # no stages/ folder: the packaged stage notebooks run
-        "params": {"ingest": {"synth_n": 400}, "train": {"epochs": 3}, "gate": {"min_value": 0}, "deploy": {"qa_min_accuracy": 0}}}))
+        "params": {"ingest": {"synth_n": 800}, "train": {"epochs": 8}, "gate": {"min_value": 0}, "deploy": {"qa_min_accuracy": 0}}}))
     r = run_cli("run", cwd=root, timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     srv = start_from_seed(root / ".cvops", seed)
