@@ -12,7 +12,6 @@ from collections import deque
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from scipy import special  # only scipy.special: scipy.stats would add ≈ 60 MB and 1.5 s to the gateway's start
 
 from .config import Params
 from .errors import ParameterError
@@ -22,6 +21,12 @@ __all__ = ['STATS', 'ks_test', 'psi', 'mmd_test', 'class_test', 'DriftReference'
            'score_window', 'DriftWindow', 'RetrainPolicy', 'should_retrain']
 
 # %% ../nbs/47_drift.ipynb #eb734c5c
+def _special():
+    "scipy.special, imported when first needed: the CLI imports this module for its parameter models."
+    # only scipy.special: scipy.stats would add ≈ 60 MB and 1.5 s to the gateway's start
+    from scipy import special
+    return special
+
 def ks_test(reference:np.ndarray, # 1-D sample from the reference
             current:np.ndarray,   # 1-D sample from the window
            ) -> tuple[float, float]: # (KS statistic, p-value)
@@ -30,7 +35,7 @@ def ks_test(reference:np.ndarray, # 1-D sample from the reference
     both = np.concatenate([a, b])
     d = float(np.max(np.abs(np.searchsorted(a, both, side="right") / len(a) - np.searchsorted(b, both, side="right") / len(b))))
     en = len(a) * len(b) / (len(a) + len(b))
-    return d, float(np.clip(special.kolmogorov(np.sqrt(en) * d), 0, 1))
+    return d, float(np.clip(_special().kolmogorov(np.sqrt(en) * d), 0, 1))
 
 def psi(reference:np.ndarray, # 1-D sample from the reference
         current:np.ndarray,   # 1-D sample from the window
@@ -90,7 +95,7 @@ def class_test(reference:dict[str, int], # class → count of predictions on the
     table = np.stack([ref, cur])
     expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
     chi2 = float(((table - expected) ** 2 / expected).sum())
-    return chi2, float(special.chdtrc(len(classes) - 1, chi2)), _js_distance(cur / cur.sum(), ref / ref.sum())
+    return chi2, float(_special().chdtrc(len(classes) - 1, chi2)), _js_distance(cur / cur.sum(), ref / ref.sum())
 
 def _js_distance(p:np.ndarray, q:np.ndarray) -> float:
     "Jensen–Shannon distance in bits (0: same distribution, 1: disjoint), as scipy's `jensenshannon(p, q, base=2)`."

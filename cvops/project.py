@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import nbformat
 import yaml
 from pydantic import Field
 
@@ -59,8 +58,9 @@ def config_yaml(stages_dir:str=PROJECT_STAGES, # the project's stage notebooks f
     return "\n".join(lines) + "\n"
 
 # %% ../nbs/51_project.ipynb #35321c52
-def starter_notebook() -> nbformat.NotebookNode:
+def starter_notebook() -> "nbformat.NotebookNode":
     "`explore.ipynb`: the project's data in FiftyOne, its class balance, and the runs so far."
+    import nbformat  # here, not at the top: its jsonschema import costs ≈ 2.5 s on every `cvops` command
     md, code = nbformat.v4.new_markdown_cell, nbformat.v4.new_code_cell
     nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
     nb.cells = [
@@ -96,6 +96,10 @@ def ci_workflow() -> str:
                "with": {"name": "pipeline-run", "path": ".cvops/runs/"}}]}}}
     return yaml.safe_dump(wf, sort_keys=False, width=120).replace("'on':", "on:").replace(": null", ":")
 
+def _notebook_text(nb) -> str:
+    import nbformat
+    return nbformat.writes(nb) + "\n"
+
 # %% ../nbs/51_project.ipynb #2c20c2cd
 def readme(name:str) -> str:
     "The project's README: what is where, and the commands."
@@ -129,7 +133,7 @@ cvops workflow --out argo/               # the same pipeline as an Argo Workflow
 def project_files(name:str="project") -> dict[str, str|bytes]:
     "Every file `cvops init` writes, by path relative to the project folder (stage notebooks included)."
     files = {CONFIG_FILE: config_yaml(), ".gitignore": GITIGNORE, ".github/workflows/pipeline.yml": ci_workflow(),
-             "README.md": readme(name), "explore.ipynb": nbformat.writes(starter_notebook()) + "\n"}
+             "README.md": readme(name), "explore.ipynb": _notebook_text(starter_notebook())}
     for nb in sorted(PACKAGED_STAGES.glob("*.ipynb")): files[f"{PROJECT_STAGES}/{nb.name}"] = nb.read_bytes()
     return files
 

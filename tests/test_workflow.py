@@ -46,4 +46,4 @@ def test_bad_stage_parameter_stops_before_writing(tmp_path):
 
 def test_pipeline_dockerfile_is_shipped():
     text = (ROOT / "serving" / "pipeline" / "Dockerfile").read_text()
-    assert "papermill" in text and "cvops[train,data,s3]" in text and "cvops init /project" in text
+    assert "cvops[train,data,s3,pipeline]" in text and "cvops init /project" in text  # pipeline: papermill and its kernel
