@@ -135,8 +135,9 @@ def loop_act(p:LoopActParams,       # see `LoopActParams`
         echo(f"[4] traffic: {p.clean} undrifted, then {p.drifted} drifted requests ({', '.join(f'{k} {v}' for k, v in DEMO_DRIFT.items())})")
         res["served_accuracy_clean"] = send_traffic(client, clean)
         res["drift_clean"] = wait_scored(client, model, before) if p.clean else None
+        scored = drift_gauges(client, model)["windows"]  # before the drifted traffic: windows scored during it count
         res["served_accuracy_drifted"] = send_traffic(client, drifted)
-        g = res["drift_drifted"] = wait_scored(client, model, drift_gauges(client, model)["windows"])
+        g = res["drift_drifted"] = wait_scored(client, model, scored)
         echo(f"      drift flag {res['drift_clean']['flag'] if res['drift_clean'] else '-'} → {g['flag']} "
              f"(p-values now: {', '.join(f'{k} {v:.1e}' for k, v in sorted(g['p'].items()))}; threshold {g['threshold']:.4f})")
         echo(f"      accuracy served: {res['served_accuracy_clean']:.3f} undrifted, {res['served_accuracy_drifted']:.3f} drifted")
