@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import site
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import nbformat
 import pytest
 
 from conftest import ROOT
+from serve_helpers import free_port  # the tests' one loopback-port helper
 
 TINY = ["-p", "synth_n=240", "-p", "epochs=1", "-p", "qa_min_accuracy=0", "-p", "min_value=0"]
 SOURCES = ["setup.py", "settings.ini", "pyproject.toml", "MANIFEST.in", "README.md", "cvops"]
@@ -80,11 +80,6 @@ def test_installed_cvops_does_not_see_the_repository(venv, tmp_path):
     files = r.stdout.split()
     assert all(f.startswith(str(venv)) for f in files), files
     assert len(list(Path(files[1]).glob("*.ipynb"))) == len(list((ROOT / "nbs" / "stages").glob("*.ipynb")))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
