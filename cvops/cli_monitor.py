@@ -30,6 +30,7 @@ def monitor_cmd(p:MonitorParams):
         click.echo("  ".join(f"{c:>12}" for c in cols))
         for row in rows: click.echo("  ".join(f"{str(row[c])[-12:]:>12}" for c in cols))
     click.echo(f"drift: {'YES' if r.drift else 'no'} (latest window); report {r.out}")
+    if r.marked: click.echo(f"{r.marked} ingested captures got their window's drift (drift_flag, drift_window, drift_p_*): see them in the App")
 
 class LoopCommand(LoopParams):
     "`cvops loop`: one turn now, or a receiver for Alertmanager's webhook that runs a turn per firing alert."

@@ -23,7 +23,7 @@ from .preprocess import decode_resized, image_statistics, normalize
 
 # %% auto #0
 __all__ = ['parse_time', 'MonitorParams', 'CaptureRef', 'list_captures', 'TrafficFeatures', 'traffic_features', 'WindowReport',
-           'MonitorReport', 'score_windows', 'save_figures', 'monitor']
+           'MonitorReport', 'score_windows', 'save_figures', 'monitor', 'mark_captures']
 
 # %% ../nbs/48_monitor.ipynb #56c57914
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
@@ -54,6 +54,7 @@ class MonitorParams(Params):
     p_value: float = Field(0.05, gt=0, lt=1, description="family-wise significance (Bonferroni across the tests)")
     n_permutations: int = Field(100, ge=10, description="permutations of the embedding MMD test")
     out: Path|None = Field(None, description="report folder (default: <home>/monitor/<model>-<time>)")
+    mark: bool = Field(True, description="write each window's drift onto the captures ingested into the project's dataset (for the App)")
 
     def policy(self) -> DriftPolicy:
         return DriftPolicy(window=self.window, every=self.window, p_value=self.p_value, n_permutations=self.n_permutations)
@@ -135,6 +136,7 @@ class MonitorReport(BaseModel):
     unreadable_sidecars: int = 0
     windows: list[WindowReport]
     drift: bool = Field(description="whether the latest window drifted")
+    marked: int = Field(0, description="ingested captured samples that got their window's drift fields")
     out: Path|None = None
 
     def table(self) -> list[dict]:
@@ -226,6 +228,40 @@ def monitor(params:MonitorParams|dict|None=None, # what to monitor (see `Monitor
     out.mkdir(parents=True, exist_ok=True)
     report = MonitorReport(model=bundle.name, version=bundle.version, captures=len(captures), undecodable=feats.undecodable,
                            unreadable_sidecars=bad_sidecars, windows=windows, drift=bool(windows and windows[-1].score.drift), out=out)
+    if p.mark:
+        try: report.marked = mark_captures(report, cfg=cfg)
+        except NotFoundError: pass  # captures not ingested into a dataset yet: nothing to mark
     save_figures(reference, feats, report, out)
     (out / "report.json").write_text(report.model_dump_json(indent=2))
     return report
+
+# %% ../nbs/48_monitor.ipynb #98c6f8a4
+def _as_time(v) -> _dt.datetime|None:
+    try: return parse_time(v) if isinstance(v, str) else None
+    except ParameterError: return None
+
+def mark_captures(report:MonitorReport,    # a report of `monitor`
+                  dataset:str|None=None,    # FiftyOne dataset holding the ingested captures (default: the project's)
+                  cfg:ProjectConfig|None=None,
+                 ) -> int:                  # captured samples marked
+    "Write each window's drift onto the ingested captures it covers (`drift_flag`, `drift_window`, `drift_p_<test>`)."
+    from cvops.db import fiftyone_db, open_dataset
+    cfg = cfg or load_config()
+    ds, fo = open_dataset(dataset, cfg), fiftyone_db(cfg)
+    if not report.windows or "capture_time" not in ds.get_field_schema(): return 0
+    view = ds.match(fo.ViewField("capture_model") == report.model).exists("capture_time")
+    ids, times = view.values("id"), [_as_time(t) for t in view.values("capture_time")]
+    tests = sorted({t for w in report.windows for t in w.score.tests})
+    values = {"drift_flag": {}, "drift_window": {}, **{f"drift_p_{t}": {} for t in tests}}
+    for sid, t in zip(ids, times):
+        w = next((w for w in report.windows if t is not None and w.start <= t <= w.end), None)
+        if w is None: continue
+        values["drift_flag"][sid] = bool(w.score.drift)
+        values["drift_window"][sid] = f"{w.start.isoformat(timespec='seconds')} – {w.end.isoformat(timespec='seconds')}"
+        for k in tests: values[f"drift_p_{k}"][sid] = float(w.score.tests[k]["p"]) if k in w.score.tests else None
+    if not values["drift_flag"]: return 0
+    schema = ds.get_field_schema()
+    for f in values:  # declared first so that windows without a value keep the field's type
+        if f not in schema: ds.add_sample_field(f, fo.BooleanField if f == "drift_flag" else fo.StringField if f == "drift_window" else fo.FloatField)
+    for f, by_id in values.items(): view.set_values(f, by_id, key_field="id")
+    return len(values["drift_flag"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,12 +13,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from cvops.toolenv import free_port  # noqa: F401 (one port helper: tests and bench import it from here)
+
 BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
 
 def make_images(out: Path, n: int = 24, size: int = 64, seed: int = 0) -> list[Path]:
