@@ -17,7 +17,7 @@ from pydantic import BaseModel, Field
 
 from .bundle import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ModelBundle
 from .config import Params, ProjectConfig, load_config
-from .drift import DriftPolicy, DriftReference, DriftScore, score_window
+from .drift import DriftPolicy, DriftReference, DriftScore, EmbeddingSpace, score_window
 from .errors import BundleError, ImageError, NotFoundError, ParameterError
 from .preprocess import decode_resized, image_statistics, normalize
 
@@ -155,10 +155,10 @@ def score_windows(reference:DriftReference, feats:TrafficFeatures, policy:DriftP
     if n < 2: return []
     bounds = list(range(0, max(n - w, 0) + 1, w)) if n >= w else [0]
     spans = [(a, b) for a, b in zip(bounds, bounds[1:] + [n])]
-    out = []
+    out, space = [], EmbeddingSpace(reference, policy) if feats.embeddings is not None else None  # once, not per window
     for a, b in spans:
         emb = feats.embeddings[a:b] if feats.embeddings is not None else None
-        score = score_window(reference, {k: v[a:b] for k, v in feats.stats.items()}, emb, feats.classes[a:b], policy)
+        score = score_window(reference, {k: v[a:b] for k, v in feats.stats.items()}, emb, feats.classes[a:b], policy, space)
         out.append(WindowReport(start=feats.times[a], end=feats.times[b - 1], score=score))
     return out
 
