@@ -80,8 +80,8 @@ def _field(name:str, *fields:str) -> str: return f"{name} {_message(*fields)}"  
 def _repeated(name:str, items:list[str]) -> str: return f"{name} [\n" + _indent(",\n".join(items)) + "\n]"  # name [ {..}, {..} ]
 def _ints(xs) -> str: return "[ " + ", ".join(map(str, xs)) + " ]"
 
-def _tensor(name:str, dims:list[int], label_filename:str|None=None) -> str:
-    return _message(f'name: "{name}"', "data_type: TYPE_FP32", f"dims: {_ints(dims)}",
+def _tensor(name:str, dims:list[int], label_filename:str|None=None, dtype:str="TYPE_FP32") -> str:
+    return _message(f'name: "{name}"', f"data_type: {dtype}", f"dims: {_ints(dims)}",
                     *([f'label_filename: "{label_filename}"'] if label_filename else []))
 
 def _dynamic_batching(b:TritonBatching) -> str|None:
@@ -128,6 +128,7 @@ def triton_config(spec:ModelBundle,                    # from `ModelBundle.load`
     if isinstance(ort_threads, bool) or not isinstance(ort_threads, int) or ort_threads < 0:
         raise ParameterError(f"ort_threads must be an int >= 0, got {ort_threads!r}")
     check_model_name(name)
+    if spec.task == "detection": return _detection_config(spec, name, variant, _as_params(instances, TritonInstances, "instances"))
     batching = _as_params(batching, TritonBatching, "batching")
     instances = _as_params(instances, TritonInstances, "instances")
     accelerator = _as_params(accelerator, TensorRTAccelerator, "accelerator")
@@ -145,6 +146,18 @@ def triton_config(spec:ModelBundle,                    # from `ModelBundle.load`
         _python_parameters(ort_threads) if variant == "python" else None,
     ]
     return "\n".join(s for s in sections if s) + "\n"
+
+def _detection_config(spec:ModelBundle, name:str, variant:str, instances:TritonInstances) -> str:
+    "A detection bundle's config: its own form, one image per request (no Triton batching), on Triton's ONNX Runtime backend."
+    if variant != "onnxruntime":
+        raise ParameterError(f"a detection bundle runs on the onnxruntime variant only (one image per call, post-processing "
+                             f"in its graph), got {variant!r}")
+    dims = lambda t: [d if isinstance(d, int) else -1 for d in t.shape]  # named axes (the detection count) are variable
+    types = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+    return "\n".join([f'name: "{name}"', _PLATFORM[variant], "max_batch_size: 0", f'default_model_filename: "{MODEL_FILE[variant]}"',
+                      _repeated("input", [_tensor(spec.input_name, dims(spec.input))]),
+                      _repeated("output", [_tensor(o.name, dims(o), dtype=types[o.dtype]) for o in spec.outputs]),
+                      _instance_group(variant, instances)]) + "\n"
 
 # %% ../nbs/32_triton.ipynb #c803e6e2
 # This file runs inside Triton's own Python environment (numpy<2, no cvops installed), so it cannot import cvops:
