@@ -31,8 +31,8 @@ from .serve_v2 import add_v2_routes
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MetricsMiddleware', 'Label', 'ModelRef', 'PredictResponse', 'ItemError', 'BatchItem', 'BatchResponse',
-           'ModelAnswer', 'CompositeResponse', 'ModelInfo', 'ErrorResponse', 'create_app', 'serve']
+__all__ = ['log', 'MetricsMiddleware', 'Label', 'ModelRef', 'Detection', 'PredictResponse', 'ItemError', 'BatchItem',
+           'BatchResponse', 'ModelAnswer', 'CompositeResponse', 'ModelInfo', 'ErrorResponse', 'create_app', 'serve']
 
 # %% ../nbs/40_serve.ipynb #47fa54e3
 _HEADERS = {401: {"WWW-Authenticate": "ApiKey"}, 503: {"Retry-After": "1"}}
@@ -92,11 +92,19 @@ class ModelRef(BaseModel):
     name: str = Field(description="registry model name")
     version: int = Field(description="registry version number")
 
+class Detection(BaseModel):
+    "One object a detection model found (query `score_threshold`, `max_detections`)."
+    label: str = Field(description="class name")
+    score: float = Field(description="confidence, 0..1")
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the image as sent")
+    box_normalized: list[float] = Field(description="x, y, width, height relative to the image, 0..1")
+
 class PredictResponse(BaseModel):
-    "The answer to `POST /v1/predict`: top-k labels for one image."
+    "The answer to `POST /v1/predict`: top-k labels (a detection model: the objects found) for one image."
     request_id: str = Field(description="id of this request (also in the X-Request-ID header)")
     model: ModelRef
-    predictions: list[Label] = Field(description="top-k labels, best first")
+    predictions: list[Label]|None = Field(None, description="top-k labels, best first (classification models)")
+    detections: list[Detection]|None = Field(None, description="objects found, best first (detection models)")
     latency_ms: float = Field(description="time spent in the gateway, in milliseconds")
 
 class ItemError(BaseModel):
@@ -107,6 +115,7 @@ class ItemError(BaseModel):
 class BatchItem(BaseModel):
     "Top-k labels for one image of a batch, or the error that image got."
     predictions: list[Label]|None = Field(None, description="top-k labels, best first (absent when the image failed)")
+    detections: list[Detection]|None = Field(None, description="a detection model's objects (absent when the image failed)")
     error: ItemError|None = Field(None, description="why this image got no answer (absent when it did)")
 
 class BatchResponse(BaseModel):
@@ -119,7 +128,8 @@ class BatchResponse(BaseModel):
 class ModelAnswer(BaseModel):
     "One model's answer within a composite call."
     model: ModelRef
-    predictions: list[Label] = Field(description="top-k labels, best first")
+    predictions: list[Label]|None = Field(None, description="top-k labels, best first (classification models)")
+    detections: list[Detection]|None = Field(None, description="objects found, best first (detection models)")
 
 class CompositeResponse(BaseModel):
     "The answer to `POST /v1/composite`: each named model's answer for the one uploaded image."
