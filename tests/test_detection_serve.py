@@ -153,3 +153,21 @@ def test_captures_keep_the_boxes(gw, det):
     caps = [s for s in sides if s["detections"] == [{"label": d["label"], "score": d["score"], "bbox": d["box_normalized"]}
                                                      for d in answer["detections"]]]
     assert caps and answer["detections"], (sides[:2], answer)
+
+
+def test_triton_backend_serves_the_detector(det, tmp_path):
+    "The same boxes through the gateway → Triton (python variant: the bundle's ONNX graph, one image per request)."
+    triton_mod = pytest.importorskip("cvops.triton", reason="cvops.triton is not there")
+    repo = tmp_path / "repo"
+    triton_mod.build_repository(det["bundle"], repo, "shapes-det", 1, variant="python")
+    server = triton_mod.TritonServer(repo, log_file=tmp_path / "triton.log").start()
+    try:
+        with Gateway("--model-dir", det["bundle"], "--backend", "triton", "--triton-url", server.grpc_url, "--triton-protocol", "grpc",
+                     "--triton-model", "shapes-det", env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g, \
+                httpx.Client(base_url=g.url, timeout=60) as c:
+            assert c.get("/readyz").status_code == 200, c.get("/readyz").text
+            for data in det["photos"][:3] + det["photos"][-1:]:
+                r = c.post("/v1/predict", params=ALL, content=data)
+                assert r.status_code == 200, r.text
+                assert_boxes(r.json()["detections"], expected(det["bundle"], data))
+    finally: server.stop()
