@@ -19,7 +19,7 @@ machine is shared) falls on each of them alike.
   JPEG (4032 × 3024, generated); gateway → Triton against a direct tritonclient call to the same Triton; and
   reduced-scale JPEG decoding against full decoding on held-out large photos (top-1 agreement, printed).
 
-    .venv/bin/python bench/serve.py [--backbone mobilenet_v3_small] [--size 64] [--rounds 6] [--block 100] [--only-peers]
+    .venv/bin/python bench/serve.py [--backbone mobilenet_v3_small] [--size 64] [--rounds 6] [--block 100] [--only-peers] [--only-detection]
 
 The machine may be shared with other work: figures are as measured, under whatever load there was (printed).
 """
@@ -287,6 +287,40 @@ def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int) -> dict:
     return out
 
 
+def detection_figures(tmp: Path, n: int, sizes=(64, 128)) -> dict:
+    "The gateway with a detector beside the gateway with the classifier, same photo, driven by hey (p50 c1, req/s c16)."
+    import torch
+    from detection_helpers import draw_scene, train_detector, CLASSES
+    from cvops.bundle import ModelBundle, ort_session
+    from cvops.export_detection import export_detector
+    from cvops.preprocess import preprocess_bytes
+    out = {}
+    for size in sizes:
+        model, spec = train_detector(size=size, steps=4)  # the latency does not depend on how well it detects
+        photo = encode(draw_scene(np.random.default_rng(1), size)[0], "JPEG", quality=90)
+        (tmp / f"det{size}.jpg").write_bytes(photo)
+        x = preprocess_bytes(photo, spec)[None]
+        det, _ = export_detector(model, CLASSES, spec, tmp / f"det-bundle-{size}", x, min_score=0.06)
+        cls = make_bundle(tmp / f"cls-bundle-{size}", sorted((tmp / "images").rglob("*.png"))[:16], size=size)
+        sess = ort_session(ModelBundle.load(det).onnx_path)
+        ts = []
+        for _ in range(30):
+            t0 = time.perf_counter(); sess.run(None, {"input": x}); ts.append(time.perf_counter() - t0)
+        row = {"ort_in_process_p50_ms": pct(ts[5:], 50), "torch_threads": torch.get_num_threads()}
+        for kind, bundle in (("detection", det), ("classification", cls)):
+            with Gateway("--model-dir", bundle, env={"CVOPS_HOME": str(tmp / "home")}, log=tmp / f"{kind}{size}.log") as g:
+                url = g.url + "/v1/predict" + ("?score_threshold=0.05" if kind == "detection" else "")
+                hey(url, tmp / f"det{size}.jpg", "image/jpeg", 20, 4)  # warm-up
+                row[kind] = {"c1": hey(url, tmp / f"det{size}.jpg", "image/jpeg", max(20, n // 4), 1),
+                             "c16": hey(url, tmp / f"det{size}.jpg", "image/jpeg", n, 16)}
+        out[f"{size}px"] = row
+        d, c = row["detection"], row["classification"]
+        print(f"  {size} px: detection p50 c1 {d['c1']['p50_ms']:.1f} ms, c16 {d['c16']['req_s']:.1f} req/s | classification p50 c1 "
+              f"{c['c1']['p50_ms']:.1f} ms, c16 {c['c16']['req_s']:.1f} req/s | detector in-process ORT p50 {row['ort_in_process_p50_ms']:.1f} ms",
+              flush=True)
+    return out
+
+
 def triton_direct_figures(bundle: Path, tmp: Path, jpegs: list[bytes], n: int) -> dict:
     "p50 of a direct tritonclient.http call to Triton (the preprocessed tensor) and of the gateway → the same Triton (the JPEG)."
     import tritonclient.http as th
@@ -367,6 +401,9 @@ def main():
     ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 (a quarter at 1)")
     ap.add_argument("--big-requests", type=int, default=60, help="hey requests per 12 MP run at concurrency 4 (a quarter at 1)")
     ap.add_argument("--draft-photos", type=int, default=200, help="held-out large photos for the decoding agreement")
+    ap.add_argument("--only-detection", action="store_true", help="only detection beside classification (issue 17)")
+    ap.add_argument("--no-detection", action="store_true", help="skip the detection rows")
+    ap.add_argument("--detection-requests", type=int, default=200, help="hey requests per detection run at concurrency 16 (a quarter at 1)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve.json"))
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="cvops-bench-serve-"))
@@ -387,6 +424,11 @@ def main():
           f"on {os.cpu_count()} cores", flush=True)
     if a.only_peers:
         peers_main(a, tmp, bundle, pngs, jpegs, res)
+        return _write(res, a.out)
+    if a.only_detection:
+        a.out = a.out.replace("serve.json", "serve_detection.json")  # the full run's figures stay where they are
+        print("detection beside classification (hey):", flush=True)
+        res["detection"] = detection_figures(tmp, a.detection_requests)
         return _write(res, a.out)
     res["in_process_tensor"] = tensor_figures(ip, jpegs, a.block * 4)
 
@@ -475,6 +517,9 @@ def main():
     for name, val, target, ok in rows:
         print(f"{name:<66} {val:>9}  {target:<28}{'' if ok is None else ('  ok' if ok else '  MISSED')}")
     if not a.no_peers: peers_main(a, tmp, bundle, pngs, jpegs, res)
+    if not a.no_detection:
+        print("detection beside classification (hey):", flush=True)
+        res["detection"] = detection_figures(tmp, a.detection_requests)
     _write(res, a.out)
 
 

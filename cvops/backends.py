@@ -25,8 +25,8 @@ class Backend:
     def __init__(self, bundle:ModelBundle): self.bundle = bundle
     async def load(self) -> None: "Acquire resources (sessions, clients); called once before serving."
     async def close(self) -> None: "Release what `load` acquired; in-flight calls finish first."
-    async def infer(self, batch:np.ndarray) -> np.ndarray:
-        "Logits (N, C) for a float32 batch (N, 3, S, S)."
+    async def infer(self, batch:np.ndarray) -> np.ndarray|list:
+        "Logits (N, C) for a float32 batch (N, 3, S, S); for a detection bundle, per image (boxes, scores, labels)."
         raise NotImplementedError
     async def infer_embedding(self, batch:np.ndarray) -> tuple[np.ndarray, np.ndarray|None]:
         "Logits (N, C) and the model's embedding (N, D) for drift monitoring; None where this backend does not return it."
@@ -74,9 +74,12 @@ class OnnxBackend(Backend):
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._gather(), name=f"batcher-{self.bundle.name}")
 
-    def _run(self, x:np.ndarray) -> np.ndarray:
+    def _run(self, x:np.ndarray) -> np.ndarray|list:
         t0 = time.perf_counter()
-        if self.embedding:  # one array through the batching code: logits, then the embedding, side by side
+        if self.bundle.task == "detection":  # one image per call (the bundle's form): per image (boxes, scores, labels)
+            names = [o.name for o in self.bundle.outputs]
+            y = [tuple(self.session.run(names, {self.bundle.input_name: x[i:i + 1]})) for i in range(len(x))]
+        elif self.embedding:  # one array through the batching code: logits, then the embedding, side by side
             y = np.concatenate(self.session.run([self.bundle.output_name, self.bundle.embedding.name], {self.bundle.input_name: x}), 1)
         else: y = self.session.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
         if len(x) == 1:
@@ -194,12 +197,22 @@ class TritonBackend(Backend):
 
     def _where(self): return f"Triton at {self.protocol}://{self.url} (model {self.model_name!r} version {self.model_version or 'latest'})"
 
-    async def infer(self, batch:np.ndarray) -> np.ndarray:
+    async def infer(self, batch:np.ndarray) -> np.ndarray|list:
         if self.client is None: raise BackendUnavailable(f"{self._where()}: client not started")
+        if self.bundle.task == "detection":  # one image per call (the bundle's form)
+            names = [o.name for o in self.bundle.outputs]
+            return [tuple(map((await self._call(batch[i:i + 1], names)).as_numpy, names)) for i in range(len(batch))]
+        y = (await self._call(batch, [self.bundle.output_name])).as_numpy(self.bundle.output_name)
+        if y is None or y.shape != (len(batch), len(self.bundle.classes)):
+            raise BackendUnavailable(f"{self._where()} returned {None if y is None else y.shape} logits, "
+                                     f"expected {(len(batch), len(self.bundle.classes))}")
+        return y
+
+    async def _call(self, batch:np.ndarray, names:list[str]):
+        "One inference request for `names`; a failure or timeout is `BackendUnavailable`."
         tc = self._mod
         inp = tc.InferInput(self.bundle.input_name, list(batch.shape), "FP32")
-        out = [tc.InferRequestedOutput(self.bundle.output_name, binary_data=True) if self.protocol == "http"
-               else tc.InferRequestedOutput(self.bundle.output_name)]
+        out = [tc.InferRequestedOutput(n, binary_data=True) if self.protocol == "http" else tc.InferRequestedOutput(n) for n in names]
         if self.protocol == "http": inp.set_data_from_numpy(batch, binary_data=True)
         else: inp.set_data_from_numpy(batch)
         try:
@@ -207,11 +220,7 @@ class TritonBackend(Backend):
                                          self.timeout)
         except asyncio.TimeoutError: raise BackendUnavailable(f"{self._where()} did not answer within {self.timeout:g} s") from None
         except Exception as e: raise BackendUnavailable(f"{self._where()} failed: {_short(e)}") from None
-        y = res.as_numpy(self.bundle.output_name)
-        if y is None or y.shape != (len(batch), len(self.bundle.classes)):
-            raise BackendUnavailable(f"{self._where()} returned {None if y is None else y.shape} logits, "
-                                     f"expected {(len(batch), len(self.bundle.classes))}")
-        return y
+        return res
 
     async def ready(self):
         if self.client is None: return False, "Triton client not started"

@@ -16,8 +16,8 @@ from .preprocess import PreprocessSpec
 from .store import sha256_file
 
 # %% auto #0
-__all__ = ['BUNDLE_FILES', 'INPUT_NAME', 'OUTPUT_NAME', 'EMBEDDING_NAME', 'REFERENCE_FILE', 'TensorSpec', 'ModelBundle',
-           'ort_session', 'write_bundle', 'toy_bundle']
+__all__ = ['BUNDLE_FILES', 'INPUT_NAME', 'OUTPUT_NAME', 'EMBEDDING_NAME', 'REFERENCE_FILE', 'TASKS', 'DETECTION_OUTPUTS',
+           'TensorSpec', 'ModelBundle', 'ort_session', 'write_bundle', 'toy_bundle']
 
 # %% ../nbs/04_bundle.ipynb #eb047a16
 BUNDLE_FILES = ("model.onnx", "labels.txt", "preprocess.json", "model.json")  # what every bundle folder holds
@@ -25,6 +25,11 @@ INPUT_NAME, OUTPUT_NAME = "input", "logits"  # tensor names of every model cvops
 EMBEDDING_NAME = "embedding"                 # optional second output: the features before the classifier head
 REFERENCE_FILE = "reference.json"            # optional: what drift monitoring compares live traffic with (`cvops.drift`)
 _FLOAT32 = ("float32", "float", "fp32")      # spellings of float32 accepted in model.json
+TASKS = ("classification", "detection")      # what a bundle's model does (model.json `task`; absent: classification)
+DETECTION_OUTPUTS = (  # a detection model's outputs, in this order (see "Detection bundles" below)
+    dict(name="boxes", shape=["detections", 4], dtype="float32", meaning="x1, y1, x2, y2 in pixels of the S×S input"),
+    dict(name="scores", shape=["detections"], dtype="float32", meaning="confidence 0..1, best first"),
+    dict(name="labels", shape=["detections"], dtype="int64", meaning="class i of labels.txt is label i + 1 (0: background)"))
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -80,6 +85,18 @@ def _check_shapes(path:Path, inp:TensorSpec, out:TensorSpec, classes:tuple, spec
     if out.dims[-1] not in (-1, len(classes)):
         raise BundleError(f"{path}: output has {out.dims[-1]} scores per image but labels.txt names {len(classes)} classes")
 
+def _detection_tensors(path:Path, meta:dict, spec:PreprocessSpec) -> tuple[TensorSpec, tuple[TensorSpec, ...]]:
+    "Input and outputs of a detection bundle: one S×S image in; boxes, scores and labels out."
+    where, t, want = path / "model.json", meta.get("input"), [1, 3, spec.size, spec.size]
+    if not isinstance(t, dict) or not isinstance(t.get("name"), str) or t.get("shape") != want:
+        raise BundleError(f"{where}: a detection model takes one image: input shape must be {want}, got "
+                          f"{t.get('shape') if isinstance(t, dict) else t!r}")
+    outs = meta.get("outputs")
+    names = [o.get("name") for o in outs] if isinstance(outs, list) and all(isinstance(o, dict) for o in outs) else outs
+    if names != [o["name"] for o in DETECTION_OUTPUTS]:
+        raise BundleError(f"{where}: a detection model's outputs must be {[o['name'] for o in DETECTION_OUTPUTS]}, got {names!r}")
+    return TensorSpec(t["name"], tuple(want)), tuple(TensorSpec(o["name"], tuple(o["shape"]), o["dtype"]) for o in DETECTION_OUTPUTS)
+
 @dataclass(frozen=True)
 class ModelBundle:
     "A checked model bundle folder (contract D): what the registry, Triton and the gateway need to know about it."
@@ -91,6 +108,8 @@ class ModelBundle:
     input: TensorSpec
     output: TensorSpec
     embedding: TensorSpec|None = None  # the embedding output, when the model has one
+    task: str = "classification"       # or "detection" (then `output` is `boxes` and `outputs` lists boxes, scores, labels)
+    outputs: tuple[TensorSpec, ...] = ()  # a detection model's outputs (`DETECTION_OUTPUTS`)
     meta: dict = field(default_factory=dict, compare=False, repr=False)  # all of model.json (opset, parity, lineage …)
 
     @property
@@ -114,14 +133,19 @@ class ModelBundle:
         classes = _read_classes(path, meta)
         try: spec = PreprocessSpec.load(path / "preprocess.json")
         except ValueError as e: raise BundleError(f"{path / 'preprocess.json'} is not a valid preprocess spec: {e}") from None
-        inp, out = _tensor(meta, "input", path / "model.json"), _tensor(meta, "output", path / "model.json")
-        _check_shapes(path, inp, out, classes, spec)
+        task = meta.get("task", "classification")
+        if task not in TASKS: raise BundleError(f"{path / 'model.json'}: task must be one of {list(TASKS)}, got {task!r}")
+        outs = ()
+        if task == "detection": inp, outs = _detection_tensors(path, meta, spec); out = outs[0]
+        else:
+            inp, out = _tensor(meta, "input", path / "model.json"), _tensor(meta, "output", path / "model.json")
+            _check_shapes(path, inp, out, classes, spec)
         emb = _tensor(meta, "embedding", path / "model.json") if meta.get("embedding") is not None else None
         if emb is not None and len(emb.dims) != 1:
             raise BundleError(f"{path}: embedding must be (batch, features), got shape {list(emb.shape)}")
         return cls(path=path, name=name or meta.get("name") or path.name,
                    version=int(version if version is not None else meta.get("version", 0)),
-                   classes=classes, spec=spec, input=inp, output=out, embedding=emb, meta=meta)
+                   classes=classes, spec=spec, input=inp, output=out, embedding=emb, task=task, outputs=outs, meta=meta)
 
     def reference(self):
         "The drift reference export stored beside the model (`cvops.drift.DriftReference`), or None for a bundle without one."
@@ -137,7 +161,8 @@ class ModelBundle:
         "An ONNX Runtime session on `model.onnx`, checked to have the tensors `model.json` declares."
         try: sess = ort_session(self.onnx_path, threads, spinning)
         except Exception as e: raise BundleError(f"ONNX Runtime cannot load {self.onnx_path}: {e}") from None
-        declared = [("inputs", self.input_name, sess.get_inputs()), ("outputs", self.output_name, sess.get_outputs())]
+        declared = [("inputs", self.input_name, sess.get_inputs())]
+        declared += [("outputs", o.name, sess.get_outputs()) for o in (self.outputs or (self.output,))]
         if self.embedding: declared.append(("outputs", self.embedding.name, sess.get_outputs()))
         for what, want, have in declared:
             names = [t.name for t in have]
@@ -169,15 +194,20 @@ def write_bundle(folder:str|Path,          # the bundle folder (created if missi
                  extra:dict|None=None,     # more model.json fields (opset, parity, lineage …)
                  embedding_dim:int|None=None, # width of the model's `embedding` output, when it has one
                  reference:dict|None=None, # drift reference (`cvops.drift.DriftReference` as a dict) written as reference.json
+                 task:str="classification", # or "detection": a one-image model with `DETECTION_OUTPUTS`
                 ) -> ModelBundle:
     "Write labels.txt, preprocess.json and model.json for the model.onnx in `folder`; return the bundle as read back."
     folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
     if onnx is not None: shutil.copyfile(onnx, folder / "model.onnx")
     if not (folder / "model.onnx").is_file(): raise BundleError(f"{folder} has no model.onnx to write a bundle around")
-    contract = dict(name=name, classes=list(classes),
+    if task not in TASKS: raise BundleError(f"task must be one of {list(TASKS)}, got {task!r}")
+    contract = dict(name=name, task=task, classes=list(classes),
                     input=TensorSpec(INPUT_NAME, (-1, 3, spec.size, spec.size)).to_json(),
                     output=TensorSpec(OUTPUT_NAME, (-1, len(classes))).to_json(),
                     onnx_sha256=sha256_file(folder / "model.onnx"))
+    if task == "detection":  # one image in, the detections out
+        del contract["output"]
+        contract.update(input=TensorSpec(INPUT_NAME, (1, 3, spec.size, spec.size)).to_json(), outputs=list(DETECTION_OUTPUTS))
     if embedding_dim: contract["embedding"] = TensorSpec(EMBEDDING_NAME, (-1, embedding_dim)).to_json()
     clash = sorted(set(extra or {}) & set(contract))
     if clash: raise BundleError(f"extra model.json fields may not replace the bundle's own: {', '.join(clash)}")

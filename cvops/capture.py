@@ -37,6 +37,7 @@ class Capture:
     image_format: str         # Pillow format of the bytes (JPEG, PNG, WEBP)
     time: _dt.datetime | None = None
     id: str | None = None
+    detections: list[dict] | None = None  # a detection model's answer: [{"label", "score", "box_normalized"}, ...]
 
     def __post_init__(self):
         self.time = self.time or _dt.datetime.now(_dt.timezone.utc)
@@ -54,7 +55,10 @@ class Capture:
                 "model": self.model, "version": int(self.version),
                 "prediction": {"label": top["label"], "score": float(top["score"]) if top["score"] is not None else None},
                 "topk": [{"label": t["label"], "score": float(t["score"])} for t in self.topk],
-                "content_type": self.content_type, "sha256": sha256_bytes(self.data), "label": None}
+                "content_type": self.content_type, "sha256": sha256_bytes(self.data), "label": None,
+                **({} if self.detections is None else  # boxes at rest: relative [x, y, w, h], as dataset versions keep them
+                   {"detections": [{"label": d["label"], "score": float(d["score"]), "bbox": list(d["box_normalized"])}
+                                   for d in self.detections]})}
 
 def write_capture(fs, root:str, cap:Capture) -> str:
     "Write one capture (image, then sidecar) to `root/captures/...` on `fs`; returns the sidecar path."

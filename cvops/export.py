@@ -19,6 +19,7 @@ from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, ParameterError, ParityError
 from .preprocess import PreprocessSpec, decode_resized, image_statistics, normalize, preprocess_bytes
 from .store import ArtifactStore, project_store, sha256_file
+from .export_detection import DetectionParity
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +250,7 @@ def tensorrt_parity(engine_path:str|Path, onnx_path:str|Path, inputs:np.ndarray,
 class ExportResult(BaseModel):
     "What `export_run` produced."
     bundle: Path
-    parity: Parity
+    parity: Parity|DetectionParity  # a detection run's is on boxes (`cvops.export_detection`)
     onnx_sha256: str
     model_version: int|None = None
     name: str
@@ -298,6 +299,9 @@ def export_run(params:ExportParams|dict|None=None, # what to export (see `Export
     cfg = cfg or load_config()
     store = project_store(store, cfg)
     run = load_run(p.run_id or "latest", store=store)
+    if getattr(run, "task", "classification") == "detection":  # run records from before `task` are classifiers
+        from cvops.export_detection import export_detection_run
+        return export_detection_run(p, cfg, store, run)
     model, classes, spec = load_model(run.id, store=store)
     version = load_version(p.dataset_version or run.dataset_version, dataset=run.dataset, store=store)
     name, lineage = p.name or cfg.model, _lineage(run, version)

@@ -23,7 +23,7 @@ from .errors import BackendUnavailable, CvopsError, RequestError
 from .serve_config import ServeSettings
 # the entry point re-exports the names callers use from the gateway's other modules
 from .serve_http import (
-    FORMATS, IMAGE_TYPES, check_api_key, image_payloads, json_response, read_body, reload_ref, request_id, top_k_param)
+    FORMATS, IMAGE_TYPES, check_api_key, detection_params, image_payloads, json_response, read_body, reload_ref, request_id, top_k_param)
 from .serve_models import ServedModel, build_backend, bundle_digest, resolve_bundle, same_model
 from .serve_gateway import Gateway, GatewayMetrics
 from .serve_v2 import add_v2_routes
@@ -31,8 +31,8 @@ from .serve_v2 import add_v2_routes
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'MetricsMiddleware', 'Label', 'ModelRef', 'PredictResponse', 'ItemError', 'BatchItem', 'BatchResponse',
-           'ModelAnswer', 'CompositeResponse', 'ModelInfo', 'ErrorResponse', 'create_app', 'serve']
+__all__ = ['log', 'MetricsMiddleware', 'Label', 'ModelRef', 'Detection', 'PredictResponse', 'ItemError', 'BatchItem',
+           'BatchResponse', 'ModelAnswer', 'CompositeResponse', 'ModelInfo', 'ErrorResponse', 'create_app', 'serve']
 
 # %% ../nbs/40_serve.ipynb #47fa54e3
 _HEADERS = {401: {"WWW-Authenticate": "ApiKey"}, 503: {"Retry-After": "1"}}
@@ -92,11 +92,19 @@ class ModelRef(BaseModel):
     name: str = Field(description="registry model name")
     version: int = Field(description="registry version number")
 
+class Detection(BaseModel):
+    "One object a detection model found (query `score_threshold`, `max_detections`)."
+    label: str = Field(description="class name")
+    score: float = Field(description="confidence, 0..1")
+    box: list[float] = Field(description="x1, y1, x2, y2 in pixels of the image as sent")
+    box_normalized: list[float] = Field(description="x, y, width, height relative to the image, 0..1")
+
 class PredictResponse(BaseModel):
-    "The answer to `POST /v1/predict`: top-k labels for one image."
+    "The answer to `POST /v1/predict`: top-k labels (a detection model: the objects found) for one image."
     request_id: str = Field(description="id of this request (also in the X-Request-ID header)")
     model: ModelRef
-    predictions: list[Label] = Field(description="top-k labels, best first")
+    predictions: list[Label]|None = Field(None, description="top-k labels, best first (classification models)")
+    detections: list[Detection]|None = Field(None, description="objects found, best first (detection models)")
     latency_ms: float = Field(description="time spent in the gateway, in milliseconds")
 
 class ItemError(BaseModel):
@@ -107,6 +115,7 @@ class ItemError(BaseModel):
 class BatchItem(BaseModel):
     "Top-k labels for one image of a batch, or the error that image got."
     predictions: list[Label]|None = Field(None, description="top-k labels, best first (absent when the image failed)")
+    detections: list[Detection]|None = Field(None, description="a detection model's objects (absent when the image failed)")
     error: ItemError|None = Field(None, description="why this image got no answer (absent when it did)")
 
 class BatchResponse(BaseModel):
@@ -119,7 +128,8 @@ class BatchResponse(BaseModel):
 class ModelAnswer(BaseModel):
     "One model's answer within a composite call."
     model: ModelRef
-    predictions: list[Label] = Field(description="top-k labels, best first")
+    predictions: list[Label]|None = Field(None, description="top-k labels, best first (classification models)")
+    detections: list[Detection]|None = Field(None, description="objects found, best first (detection models)")
 
 class CompositeResponse(BaseModel):
     "The answer to `POST /v1/composite`: each named model's answer for the one uploaded image."
@@ -132,6 +142,7 @@ class ModelInfo(BaseModel):
     name: str = Field(description="the name in the routes")
     model: str|None = Field(None, description="registry (or bundle) model name")
     version: int|None = Field(None, description="registry version number")
+    task: str|None = Field(None, description="classification (answers `predictions`) or detection (answers `detections`)")
     classes: list[str] = Field([], description="class names, in logit order")
     input_size: int|None = Field(None, description="square side of the model input, in pixels")
     backend: str|None = Field(None, description="onnxruntime or triton")
@@ -161,9 +172,9 @@ _ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in
 _KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key, when the gateway has one")
 _TOP_K = Query(None, ge=1, le=1000, description="how many labels to return (default: the server's top_k)")
 
-def _item(r) -> dict:
-    "One batch entry: the labels, or the error this image got."
-    return {"error": {"status": r.http_status, "detail": str(r)}} if isinstance(r, CvopsError) else {"predictions": r}
+def _item(r, key:str="predictions") -> dict:
+    "One batch entry: the labels (a detector's: the boxes, under `key`), or the error this image got."
+    return {"error": {"status": r.http_status, "detail": str(r)}} if isinstance(r, CvopsError) else {key: r}
 
 def _prediction_endpoint(gw:Gateway, many:bool):
     "The Starlette endpoint of a prediction route: request id, API key, top_k, images, answer (`{name}` in the path: that model)."
@@ -174,10 +185,10 @@ def _prediction_endpoint(gw:Gateway, many:bool):
         name = request.path_params.get("name")
         gw.slot(name)  # an unknown model is a 404 before the body is read
         k = top_k_param(request, gw.settings.top_k)
-        model, ranked = await gw.predict(await image_payloads(request, gw.settings, many=many), k, name)
+        model, ranked = await gw.predict(await image_payloads(request, gw.settings, many=many), k, name, detection_params(request))
         for r in ranked:
             if isinstance(r, CvopsError): gw.metrics.bad_inputs.labels(str(r.http_status)).inc()
-        answer = {"results": [_item(r) for r in ranked]} if many else {"predictions": ranked[0]}
+        answer = {"results": [_item(r, model.answer_key) for r in ranked]} if many else {model.answer_key: ranked[0]}
         return json_response({"request_id": rid, "model": model.info, **answer,
                               "latency_ms": round((time.perf_counter() - t0) * 1000, 3)}, headers={"X-Request-ID": rid})
     return endpoint
@@ -192,8 +203,8 @@ def _composite_endpoint(gw:Gateway):
         names = list(dict.fromkeys(n.strip() for n in raw.split(",") if n.strip()))
         for n in names: gw.slot(n)
         k = top_k_param(request, gw.settings.top_k)
-        answers = await gw.predict_many(await image_payloads(request, gw.settings, many=False), k, names)
-        results = {n: {"model": m.info, "predictions": r[0]} for n, (m, r) in zip(names, answers)}
+        answers = await gw.predict_many(await image_payloads(request, gw.settings, many=False), k, names, detection_params(request))
+        results = {n: {"model": m.info, m.answer_key: r[0]} for n, (m, r) in zip(names, answers)}
         return json_response({"request_id": rid, "results": results, "latency_ms": round((time.perf_counter() - t0) * 1000, 3)},
                              headers={"X-Request-ID": rid})
     return endpoint

@@ -192,14 +192,16 @@ class Gateway:
     async def predict(self, items:list[tuple[bytes, str]],  # (image bytes, content type) per image
                       top_k:int,                            # labels per image
                       name:str|None=None,                   # which model (default: the default model)
-                     ) -> tuple[ServedModel, list]:         # the model that answered; per image, top-k labels or its ImageError
+                      detect:dict|None=None,                # a detection model's score_threshold and max_detections
+                     ) -> tuple[ServedModel, list]:         # the model that answered; per image, top-k labels (or boxes) or its ImageError
         "Decode, preprocess, infer and rank a list of (bytes, content type); an undecodable image gets its own error."
-        answers = await self.predict_many(items, top_k, [name])
+        answers = await self.predict_many(items, top_k, [name], detect)
         return answers[0]
 
     async def predict_many(self, items:list[tuple[bytes, str]], top_k:int,
                            names:list[str|None],            # the models to ask (the composite route: several)
-                          ) -> list[tuple[ServedModel, list]]: # per model: (model, per image top-k labels or ImageError)
+                           detect:dict|None=None,           # detection models' score_threshold and max_detections
+                          ) -> list[tuple[ServedModel, list]]: # per model: (model, per image top-k labels, boxes or ImageError)
         "Decode each image once (at reduced scale for the largest model), then preprocess and infer per model."
         models = [self.slot(n).champion for n in names]
         if any(m is None for m in models): raise BackendUnavailable("no model loaded yet")
@@ -209,19 +211,23 @@ class Gateway:
             if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
                 xs, stats, errors = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
             else: xs, stats, errors = self._decode(items, models)
-            ranked = await asyncio.gather(*(self._infer(m, x, top_k, st) for m, x, st in zip(models, xs, stats)))
+            ranked = await asyncio.gather(*(self._infer(m, x, top_k, st, detect) for m, x, st in zip(models, xs, stats)))
         out = []
         for slot_name, m, x, st, r in zip(names, models, xs, stats, ranked):
             self._observe(m, r, st)
             slot = self.slot(slot_name)
-            if slot.challenger is not None: self._shadow(slot, x, r)
+            if slot.challenger is not None and m.task == "classification": self._shadow(slot, x, r)  # shadowing compares top-1 labels
             if self.capture is not None: self._capture(m, [it for i, it in enumerate(items) if i not in errors], r)
             good = iter(r)
             out.append((m, [errors[i] if i in errors else next(good) for i in range(len(items))]))
         return out
 
-    async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int, stats:list|None=None) -> list[list[dict]]:
+    async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int, stats:list|None=None, detect:dict|None=None) -> list[list[dict]]:
         t0 = time.perf_counter()
+        if model.task == "detection":  # boxes back in pixels of each image as it arrived (its size is in the statistics)
+            out = await model.backend.infer(x)
+            self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
+            return model.detect(out, [(st["width"], st["height"]) for _, st in stats], **(detect or {}))
         if model.drift is not None: logits, emb = await model.backend.infer_embedding(x)
         else: logits, emb = await model.backend.infer(x), None
         self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
@@ -267,14 +273,16 @@ class Gateway:
         m, name, ver = self.metrics, model.name, str(model.bundle.version)
         m.images.labels(name, ver).inc(len(ranked))
         for top, (pixels, st) in zip(ranked, stats):
-            m.predictions.labels(name, ver, top[0]["label"]).inc()
+            m.predictions.labels(name, ver, top[0]["label"] if top else "(none)").inc()  # a detector may find nothing
             m.brightness.labels(name).observe(st["brightness"]); m.contrast.labels(name).observe(st["contrast"])
             m.pixels.labels(name).observe(pixels)
 
     def _capture(self, model:ServedModel, items, ranked):
+        det = model.task == "detection"
         for (data, ctype), top in zip(items, ranked):
             if self.capture.wants():
-                self.capture.offer(Capture(data, model.name, model.bundle.version, top, ctype, sniff_format(data) or "?"))
+                self.capture.offer(Capture(data, model.name, model.bundle.version, [] if det else top, ctype, sniff_format(data) or "?",
+                                           detections=top if det else None))
 
     # -- shadow ----------------------------------------------------------------
     def _shadow(self, slot:ModelSlot, x:np.ndarray, ranked):

@@ -23,8 +23,8 @@ try: import orjson
 except ImportError: orjson = None  # the `serve` extra installs it; stdlib json is the fallback
 
 # %% auto #0
-__all__ = ['FORMATS', 'IMAGE_TYPES', 'json_response', 'read_body', 'image_payloads', 'request_id', 'top_k_param', 'check_api_key',
-           'reload_ref']
+__all__ = ['FORMATS', 'IMAGE_TYPES', 'json_response', 'read_body', 'image_payloads', 'request_id', 'top_k_param',
+           'detection_params', 'check_api_key', 'reload_ref']
 
 # %% ../nbs/44_serve_http.ipynb #7589a1db
 FORMATS = ("JPEG", "PNG", "WEBP")  # image formats the gateway decodes (others: 415)
@@ -128,6 +128,23 @@ def top_k_param(request:Request, # a prediction request
     if not raw.isdigit() or not 1 <= int(raw) <= 1000:
         raise RequestError(422, f"top_k: must be an integer from 1 to 1000, got {raw[:40]!r}")
     return int(raw)
+
+def detection_params(request:Request, # a prediction request
+                     score_threshold:float=0.5, # default when the query does not set `score_threshold`
+                     max_detections:int=100,    # default when the query does not set `max_detections`
+                    ) -> dict:
+    "The `score_threshold` (0..1) and `max_detections` (1..1000) query parameters of a detection model, checked (422 naming them)."
+    raw = request.query_params.get("score_threshold")
+    if raw is not None and raw != "":
+        try: score_threshold = float(raw)
+        except ValueError: score_threshold = float("nan")
+        if not 0.0 <= score_threshold <= 1.0: raise RequestError(422, f"score_threshold: must be a number from 0 to 1, got {raw[:40]!r}")
+    raw = request.query_params.get("max_detections")
+    if raw is not None and raw != "":
+        if not raw.isdigit() or not 1 <= int(raw) <= 1000:
+            raise RequestError(422, f"max_detections: must be an integer from 1 to 1000, got {raw[:40]!r}")
+        max_detections = int(raw)
+    return dict(score_threshold=score_threshold, max_detections=max_detections)
 
 def check_api_key(expected:bytes|None, # the gateway's key; None: no auth
                   key:str|None,        # the X-API-Key header, if sent

@@ -74,6 +74,7 @@ class ServedModel:
         self._idle = asyncio.Event(); self._idle.set()
         self.size = bundle.spec.size
         self.classes = np.asarray(bundle.classes)
+        self.task = bundle.task  # classification: top-k labels per image; detection: boxes (see `detect`)
         self.drift: DriftWindow|None = None  # live drift against the bundle's reference (champions whose bundle has one)
         self.scoring = False                 # a drift score is being computed off the request path
 
@@ -86,7 +87,7 @@ class ServedModel:
                   ) -> ServedModel:
         "Load `bundle` into the configured backend and warm it up."
         backend = build_backend(bundle, settings)
-        reference = bundle.reference() if settings.drift and role == "champion" else None
+        reference = bundle.reference() if settings.drift and role == "champion" and bundle.task == "classification" else None
         if reference is not None and bundle.embedding is not None and backend.kind == "onnxruntime":
             backend.embedding = True  # Triton returns logits only: its drift uses the image statistics and classes
         await backend.load()
@@ -123,6 +124,26 @@ class ServedModel:
         "Model input (3,S,S) and input statistics of one decoded image (statistics on the resized image: cheap, bounded)."
         small = resize_to(img, self.bundle.spec)  # the shared decode path's resize (cvops.preprocess)
         return normalize(small, self.bundle.spec), image_statistics(small, size)
+
+    @property
+    def answer_key(self) -> str: return "detections" if self.task == "detection" else "predictions"  # per image, in answers
+
+    def detect(self, outputs:list[tuple],        # per image: (boxes xyxy in pixels of the S×S input, scores, labels)
+               sizes:list[tuple[float, float]],  # per image: (width, height) as it arrived
+               score_threshold:float=0.5,        # detections scoring less are left out
+               max_detections:int=100,           # at most this many per image, best first
+              ) -> list[list[dict]]:
+        "Per image: label, score, box in pixels of the original image and `box_normalized` [x, y, w, h] relative (best first)."
+        S, out = float(self.size), []
+        for (boxes, scores, labels), (w, h) in zip(outputs, sizes):
+            keep = np.flatnonzero(scores >= score_threshold)
+            keep = keep[np.argsort(-scores[keep], kind="stable")][:max_detections]
+            rel = np.asarray(boxes, np.float64)[keep] / S  # the S×S input stretches each axis: relative boxes carry over
+            out.append([{"label": str(self.classes[int(labels[i]) - 1]), "score": float(scores[i]),  # label i + 1 is class i
+                         "box": [float(x1 * w), float(y1 * h), float(x2 * w), float(y2 * h)],
+                         "box_normalized": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]}
+                        for i, (x1, y1, x2, y2) in zip(keep, rel)])
+        return out
 
     def topk(self, logits:np.ndarray, k:int) -> list[list[dict]]:
         "Softmax probabilities → the k best labels with scores, per row."
@@ -161,6 +182,6 @@ class ModelSlot:
         "What `GET /v1/models` says about this model."
         m = self.champion
         if m is None: return {"name": self.name, "ready": False}
-        return {"name": self.name, "model": m.bundle.name, "version": m.bundle.version, "classes": list(m.bundle.classes),
+        return {"name": self.name, "model": m.bundle.name, "version": m.bundle.version, "task": m.task, "classes": list(m.bundle.classes),
                 "input_size": m.size, "backend": m.backend.kind, "ready": ready,
                 "challenger": self.challenger.info if self.challenger else None}
