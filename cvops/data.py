@@ -255,6 +255,9 @@ def _sample_fields(fo, item:SourceItem, size:tuple|None) -> dict:
         plabel, score = item.fields["_prediction"]
         topk = [{"label": l, "score": s} for l, s in item.fields.get("_topk") or []]  # what `cvops.rank` measures uncertainty on
         fields["capture_prediction"] = fo.Classification(label=plabel, confidence=score, **({"topk": topk} if topk else {})).to_mongo()
+    if item.fields.get("_detections") is not None:  # a detector's boxes: the pre-labels of a detection capture
+        fields["capture_detections"] = fo.Detections(detections=[
+            fo.Detection(label=l, confidence=s, bounding_box=b) for l, s, b in item.fields["_detections"]]).to_mongo()
     if item.fields.get("_boxes") and (item.fields.get("_size") or size):
         w, h = item.fields.get("_size") or size  # COCO sizes when given, else the decoded size
         fields["ground_truth_detections"] = fo.Detections(detections=[

@@ -154,7 +154,8 @@ def declare_sample_fields(ds, fo):
     for name, spec in {"sha256": dict(ftype=fo.StringField), "split": dict(ftype=fo.StringField),
                        "source": dict(ftype=fo.StringField), "ground_truth": emb(fo.Classification),
                        "quarantine_reason": dict(ftype=fo.StringField), "ground_truth_detections": emb(fo.Detections),
-                       "capture_prediction": emb(fo.Classification), "capture_id": dict(ftype=fo.StringField),
+                       "capture_prediction": emb(fo.Classification), "capture_detections": emb(fo.Detections),
+                       "capture_id": dict(ftype=fo.StringField),
                        "capture_time": dict(ftype=fo.StringField), "capture_model": dict(ftype=fo.StringField),
                        "capture_model_version": dict(ftype=fo.IntField)}.items():
         if name not in schema: ds.add_sample_field(name, **spec)

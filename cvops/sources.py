@@ -228,6 +228,13 @@ def _as_num(x):
     except (TypeError, ValueError): return 0.0
 
 # %% ../nbs/13_sources.ipynb #9efc4e66
+def _capture_boxes(dets) -> list[tuple[str, float, list[float]]]|None:
+    "A detection capture's boxes (label, score, relative [x, y, w, h]); malformed entries are dropped, None: no boxes."
+    if not isinstance(dets, list): return None
+    ok = lambda b: isinstance(b, list) and len(b) == 4 and all(isinstance(v, (int, float)) for v in b)
+    return [(str(d["label"]), _as_num(d.get("score")), [float(v) for v in d["bbox"]]) for d in dets
+            if isinstance(d, dict) and d.get("label") is not None and ok(d.get("bbox"))]
+
 def _captures_items(src:str) -> tuple[list[SourceItem], list[str]]:
     fs, root = open_url(str(src), storage_options_for(src))  # a bucket is checked first: one clear error
     root = root.rstrip("/")
@@ -258,7 +265,9 @@ def _captures_items(src:str) -> tuple[list[SourceItem], list[str]]:
         item.fields.update(capture_id=str(meta.get("id") or stem.rsplit("/", 1)[-1]), capture_time=_str_or_none(meta.get("time")),
                            capture_model=_str_or_none(meta.get("model")),
                            capture_model_version=version if isinstance(version, int) and not isinstance(version, bool) else None,
-                           _prediction=(str(pred.get("label")), None if pred.get("score") is None else _as_num(pred.get("score"))),
+                           _prediction=None if pred.get("label") is None else  # a detector's capture has boxes instead
+                                       (str(pred["label"]), None if pred.get("score") is None else _as_num(pred.get("score"))),
+                           _detections=_capture_boxes(meta.get("detections")),
                            _topk=[(str(t["label"]), _as_num(t.get("score"))) for t in meta.get("topk") or []  # scores for ranking
                                   if isinstance(t, dict) and t.get("label") is not None and t.get("score") is not None],
                            _expected_sha=meta.get("sha256"))

@@ -2,6 +2,7 @@
 steps on shapes drawn with PIL) exported by cvops.export_detection, parity on boxes (and a tampered export failing it),
 and a real `cvops serve` process answering boxes equal to in-process ONNX Runtime, beside a classifier."""
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import onnx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+from conftest import run_cli  # noqa: E402
 from detection_helpers import CLASSES, draw_scene, train_detector  # noqa: E402
 from serve_helpers import Gateway, encode, make_bundle, make_images  # noqa: E402
 from test_serve import BAD  # noqa: E402  the classification gateway's bad inputs, replayed against a detector
@@ -141,7 +143,7 @@ def test_bad_detection_parameters_are_422(gw, det, query, needle):
     assert r.status_code == 422 and needle in r.json()["detail"], r.text
 
 
-def test_captures_keep_the_boxes(gw, det):
+def test_captures_keep_the_boxes(gw, det, tmp_path):
     with client(gw) as c:
         answer = c.post("/v1/predict", params=ALL, content=det["photos"][1], headers={"X-Request-ID": "capture-me"}).json()
         assert c.post("/v1/predict", params=ALL, content=det["photos"][1]).status_code == 200
@@ -153,6 +155,16 @@ def test_captures_keep_the_boxes(gw, det):
     caps = [s for s in sides if s["detections"] == [{"label": d["label"], "score": d["score"], "bbox": d["box_normalized"]}
                                                      for d in answer["detections"]]]
     assert caps and answer["detections"], (sides[:2], answer)
+    # ingested, the capture's boxes become its pre-labels (`capture_detections`), not a classification labelled None
+    proj = tmp_path / "proj"; proj.mkdir()
+    r = run_cli("data", "ingest", gw.store / "captures", "--format", "captures", cwd=proj)
+    assert r.returncode == 0, r.stdout + r.stderr
+    read = ("import json; from cvops.db import open_dataset; ds = open_dataset(); print(json.dumps([[s.capture_prediction is None, "
+            "[(d.label, d.confidence, d.bounding_box) for d in s.capture_detections.detections]] for s in ds]))")
+    r = subprocess.run([sys.executable, "-c", read], cwd=proj, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = [[True, [[d["label"], d["score"], d["box_normalized"]] for d in answer["detections"]]]]
+    assert want[0] in json.loads(r.stdout.strip().splitlines()[-1]), (r.stdout[-1000:], want)
 
 
 def test_triton_backend_serves_the_detector(det, tmp_path):
