@@ -208,7 +208,7 @@ class API(ls.LitAPI):
         p = np.exp(z - z.max()); p /= p.sum()
         return {'label': self.classes[int(p.argmax())], 'score': float(p.max())}
 if __name__ == '__main__':
-    ls.LitServer(API(max_batch_size=8, batch_timeout=0.01), accelerator='cpu', fast_queue=True).run(port=PORT, log_level='warning')
+    ls.LitServer(API(max_batch_size=8, batch_timeout=0.01), accelerator='cpu', fast_queue=True).run(port=PORT, log_level='warning', generate_client_file=False)
 """
 
 
@@ -265,7 +265,8 @@ def _median_run(runs: list[dict]) -> dict:
     out = {}
     for k in runs[0]:
         if k == "rss_mb": out[k] = statistics.median(r[k] for r in runs); continue
-        out[k] = {f: statistics.median(r[k][f] for r in runs) for f in ("req_s", "p50_ms", "p99_ms")}
+        vals = {f: [r[k][f] for r in runs if r[k][f] is not None] for f in ("req_s", "p50_ms", "p99_ms")}  # hey omits p99 of few requests
+        out[k] = {f: statistics.median(v) if v else None for f, v in vals.items()}
         out[k]["codes"] = {c: sum(r[k]["codes"].get(c, 0) for r in runs) for r in runs for c in r[k]["codes"]}
         out[k]["runs_req_s"] = [r[k]["req_s"] for r in runs]
     return out
