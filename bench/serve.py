@@ -208,13 +208,13 @@ class API(ls.LitAPI):
         p = np.exp(z - z.max()); p /= p.sum()
         return {'label': self.classes[int(p.argmax())], 'score': float(p.max())}
 if __name__ == '__main__':
-    ls.LitServer(API(max_batch_size=8, batch_timeout=0.01), accelerator='cpu', fast_queue=True).run(port=PORT, log_level='warning')
+    ls.LitServer(API(max_batch_size=8, batch_timeout=0.01), accelerator='cpu', fast_queue=True).run(port=PORT, log_level='warning', generate_client_file=False)
 """
 
 
 class Server:
-    "A peer server process on a free loopback port, up when `health` answers 200; stopped by PID."
-    def __init__(self, cmd, health, env=None, log=None):
+    "A peer server process on a free loopback port, up when `health` answers 200 (from each of `workers`); stopped by PID."
+    def __init__(self, cmd, health, env=None, log=None, workers=1):
         import subprocess
         self.port = free_port()
         self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
@@ -225,10 +225,21 @@ class Server:
         for _ in range(600):
             if self.proc.poll() is not None: raise RuntimeError(f"{cmd[:3]} exited with {self.proc.returncode}")
             try:
-                if httpx.get(self.url + health, timeout=0.5).status_code == 200: return
+                if httpx.get(self.url + health, timeout=0.5).status_code == 200 and len(self.pids()) >= workers:
+                    if workers > 1: time.sleep(3)  # a worker counted may still be loading its model
+                    return
             except httpx.TransportError: pass
             time.sleep(0.1)
         raise RuntimeError(f"{cmd[:3]} not up after 60 s")
+
+    def pids(self) -> list[int]:
+        "The serving processes: the server itself, or its worker children (multiprocessing's resource tracker left out)."
+        import psutil
+        kids = [p for p in psutil.Process(self.proc.pid).children() if "resource_tracker" not in " ".join(p.cmdline())]
+        return [p.pid for p in kids] or [self.proc.pid]
+
+    def rss_mb(self) -> list[float]:
+        return [int(Path(f"/proc/{p}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024 for p in self.pids()]
 
     def stop(self):
         import signal
@@ -249,8 +260,20 @@ def hey(url: str, body: Path, ctype: str, n: int, c: int) -> dict:
     return {"req_s": rps, "p50_ms": q.get(50), "p99_ms": q.get(99), "codes": codes}
 
 
-def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int) -> dict:
-    "Every server on both payloads, one after the other (each alone on the machine while measured)."
+def _median_run(runs: list[dict]) -> dict:
+    "Per figure, the median over the runs (req/s and p50 each on their own), with every run kept."
+    out = {}
+    for k in runs[0]:
+        if k == "rss_mb": out[k] = statistics.median(r[k] for r in runs); continue
+        vals = {f: [r[k][f] for r in runs if r[k][f] is not None] for f in ("req_s", "p50_ms", "p99_ms")}  # hey omits p99 of few requests
+        out[k] = {f: statistics.median(v) if v else None for f, v in vals.items()}
+        out[k]["codes"] = {c: sum(r[k]["codes"].get(c, 0) for r in runs) for r in runs for c in r[k]["codes"]}
+        out[k]["runs_req_s"] = [r[k]["req_s"] for r in runs]
+    return out
+
+
+def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int, runs: int = 3) -> dict:
+    "Every server on both payloads, one after the other (each alone on the machine while measured), `runs` rounds: medians."
     import base64
     from PIL import Image
     small = encode(Image.open(next((tmp / "images").rglob("*.png"))).convert("RGB"), "JPEG", quality=90)
@@ -268,22 +291,31 @@ def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int) -> dict:
         "LitServe batched": (lambda: Server([py, str(tmp / "lit_app.py")], "/health", env, tmp / "lit.log"), "/predict", "json"),
         "cvops gateway": (lambda: Server([str(Path(py).parent / "cvops"), "serve", "--model-dir", str(bundle), "--port", "{port}"],
                                          "/readyz", {"CVOPS_HOME": str(tmp / "home")}, tmp / "cvops.log"), "/v1/predict", "jpeg"),
+        # as many workers as cores, sharing the port (cvops.serve_workers); up when every worker is ready
+        WORKERS: (lambda: Server([str(Path(py).parent / "cvops"), "serve", "--model-dir", str(bundle), "--port", "{port}",
+                                  "--workers", str(os.cpu_count())], "/readyz", {"CVOPS_HOME": str(tmp / "home")}, tmp / "cvops-w.log",
+                                 workers=os.cpu_count()), "/v1/predict", "jpeg"),
     }
-    out = {"payload_bytes": {"small": len(small), "big": len(big)}, "servers": {}}
-    for name, (start, path, kind) in servers.items():
-        try: s = start()
-        except RuntimeError as e:
-            out["servers"][name] = {"error": str(e)}; print(f"  {name}: {e}", flush=True); continue
-        try:
-            r = {}
-            for payload, n, cs in (("small", small_n, (1, 16)), ("big", big_n, (1, 4))):
-                body, ctype = files[payload][kind]
-                hey(s.url + path, body, ctype, max(20, n // 10), cs[-1])  # warm-up
-                for c in cs: r[f"{payload}_c{c}"] = hey(s.url + path, body, ctype, n if c > 1 else max(20, n // 4), c)
-            if name == "cvops gateway": r["rss_mb"] = int(Path(f"/proc/{s.proc.pid}/status").read_text().split("VmRSS:")[1].split()[0]) / 1024
-            out["servers"][name] = r
-            print(f"  {name}: " + ", ".join(f"{k} {v['req_s']:.0f} req/s p50 {v['p50_ms']:.1f} ms" for k, v in r.items() if isinstance(v, dict)), flush=True)
-        finally: s.stop()
+    out = {"payload_bytes": {"small": len(small), "big": len(big)}, "runs": runs, "servers": {}}
+    per = {name: [] for name in servers}
+    for run in range(runs):  # rounds of every server in turn: drifting load from other processes falls on each alike
+        for name, (start, path, kind) in servers.items():
+            try: s = start()
+            except RuntimeError as e:
+                out["servers"][name] = {"error": str(e)}; print(f"  {name}: {e}", flush=True); continue
+            try:
+                r = {}
+                for payload, n, cs in (("small", small_n, (1, 16)), ("big", big_n, (1, 4))):
+                    body, ctype = files[payload][kind]
+                    hey(s.url + path, body, ctype, max(20, n // 10), cs[-1])  # warm-up
+                    for c in cs: r[f"{payload}_c{c}"] = hey(s.url + path, body, ctype, n if c > 1 else max(20, n // 4), c)
+                if name.startswith("cvops"): r["rss_mb"] = max(s.rss_mb())  # per process: the largest worker
+                per[name].append(r)
+                print(f"  run {run + 1}/{runs} {name}: " + ", ".join(f"{k} {v['req_s']:.0f} req/s p50 {v['p50_ms']:.1f} ms"
+                                                              for k, v in r.items() if isinstance(v, dict)), flush=True)
+            finally: s.stop()
+    for name, rs in per.items():
+        if rs: out["servers"][name] = _median_run(rs)
     return out
 
 
@@ -322,28 +354,55 @@ def detection_figures(tmp: Path, n: int, sizes=(64, 128)) -> dict:
 
 
 def triton_direct_figures(bundle: Path, tmp: Path, jpegs: list[bytes], n: int) -> dict:
-    "p50 of a direct tritonclient.http call to Triton (the preprocessed tensor) and of the gateway → the same Triton (the JPEG)."
+    """p50 of a direct tritonclient call to Triton (the client decodes and preprocesses the JPEG, then sends the tensor) and
+    of the gateway → the same Triton (the JPEG), per protocol, interleaved; and the gateway's CPU per request (the work the
+    extra hop adds, whatever the load from other processes does to wall-clock figures)."""
+    import tritonclient.grpc as tg
     import tritonclient.http as th
     from cvops.preprocess import preprocess_bytes
     from cvops.bundle import ModelBundle
     from cvops.triton import TritonServer, build_repository
     spec = ModelBundle.load(bundle).spec
     build_repository(bundle, tmp / "repo-direct", "shapes", 1, variant="python")
-    with TritonServer(tmp / "repo-direct", log_file=tmp / "triton-direct.log") as ts, \
-         Gateway("--model-dir", bundle, "--backend", "triton", "--triton-url", ts.http_url, env={"CVOPS_HOME": str(tmp / "home")}) as g:
-        c = th.InferenceServerClient(ts.http_url.removeprefix("http://"))
-        gc = SyncClient(g.port)
+    env = {"CVOPS_HOME": str(tmp / "home")}
+    with TritonServer(tmp / "repo-direct", log_file=tmp / "triton-direct.log") as ts, contextlib.ExitStack() as stack:
+        direct = {"http": th.InferenceServerClient(ts.http_url.removeprefix("http://")),
+                  "grpc": tg.InferenceServerClient(ts.grpc_url.removeprefix("grpc://"))}
+        gws = {proto: stack.enter_context(Gateway("--model-dir", bundle, "--backend", "triton", "--triton-url", url, "--triton-protocol", proto,
+                                                  env=env, log=tmp / f"gw-triton-{proto}.log"))
+               for proto, url in (("http", ts.http_url), ("grpc", ts.grpc_url))}
+        gcs = {proto: SyncClient(g.port) for proto, g in gws.items()}
         reqs = requests_for(jpegs)
-        direct, via = [], []
+
+        def call_direct(proto, d):
+            x = preprocess_bytes(d, spec)[None]  # the client decodes too: same work as the gateway's
+            m = th if proto == "http" else tg
+            inp = m.InferInput("input", list(x.shape), "FP32")
+            if proto == "http": inp.set_data_from_numpy(x, binary_data=True)
+            else: inp.set_data_from_numpy(x)
+            out = m.InferRequestedOutput("logits", binary_data=True) if proto == "http" else m.InferRequestedOutput("logits")
+            direct[proto].infer("shapes", [inp], model_version="1", outputs=[out])
+
+        lat = {f"{w} {p}": [] for p in gws for w in ("direct", "gateway")}
+        cpu = {p: 0.0 for p in gws}
         for i in range(n + 20):
-            t0 = time.perf_counter()
-            x = preprocess_bytes(jpegs[i % len(jpegs)], spec)[None]  # the client decodes too: same work as the gateway's
-            inp = th.InferInput("input", list(x.shape), "FP32"); inp.set_data_from_numpy(x, binary_data=True)
-            c.infer("shapes", [inp], model_version="1", outputs=[th.InferRequestedOutput("logits", binary_data=True)])
-            t1 = time.perf_counter(); gc.call(reqs[i % len(reqs)]); t2 = time.perf_counter()
-            if i >= 20: direct.append(t1 - t0); via.append(t2 - t1)
-        c.close(); gc.close()
-    return {"direct_tritonclient_p50_ms": pct(direct, 50), "gateway_p50_ms": pct(via, 50), "difference_ms": pct(via, 50) - pct(direct, 50)}
+            for proto in gws:
+                t0 = time.perf_counter(); call_direct(proto, jpegs[i % len(jpegs)]); t1 = time.perf_counter()
+                c0 = cpu_seconds(gws[proto].proc.pid)
+                t2 = time.perf_counter(); gcs[proto].call(reqs[i % len(reqs)]); t3 = time.perf_counter()
+                if i >= 20:
+                    lat[f"direct {proto}"].append(t1 - t0); lat[f"gateway {proto}"].append(t3 - t2)
+                    cpu[proto] += cpu_seconds(gws[proto].proc.pid) - c0
+        for c in gcs.values(): c.close()
+        for c in direct.values(): c.close()
+    out = {k: pct(v, 50) for k, v in lat.items()}
+    for proto in gws:
+        out[f"difference_{proto}_ms"] = out[f"gateway {proto}"] - out[f"direct {proto}"]
+        out[f"gateway_cpu_ms_per_request_{proto}"] = cpu[proto] / n * 1000
+    out["difference_ms"] = min(out["difference_http_ms"], out["difference_grpc_ms"])
+    out["loadavg"] = os.getloadavg()[0]
+    print("  Triton p50 ms: " + ", ".join(f"{k} {v:.2f}" for k, v in out.items()), flush=True)
+    return out
 
 
 def draft_figures(tmp: Path, pngs, n: int) -> dict:
@@ -352,12 +411,15 @@ def draft_figures(tmp: Path, pngs, n: int) -> dict:
     return draft_agreement(rn, large_photos(n, size=(1024, 768), seed=11))
 
 
+WORKERS = "cvops gateway, workers = cores"
+
+
 def peers_main(a, tmp, bundle, pngs, jpegs, res):
-    print("peers (hey):", flush=True)
-    res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests)
+    print(f"peers (hey), {a.peer_runs} runs, medians:", flush=True)
+    res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests, a.peer_runs)
     if not a.no_triton:
         res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
-    res["draft"] = draft_figures(tmp, pngs, a.draft_photos)
+    if not a.no_draft: res["draft"] = draft_figures(tmp, pngs, a.draft_photos)
     S, rows = res["peers"]["servers"], []
     get = lambda s, k, f: S.get(s, {}).get(k, {}).get(f)
     cv, nv, ls_ = "cvops gateway", "naive FastAPI + ORT", "LitServe batched"
@@ -367,22 +429,32 @@ def peers_main(a, tmp, bundle, pngs, jpegs, res):
     rows.append(("64 px JPEG c16 req/s: cvops ÷ LitServe", ratio(get(cv, "small_c16", "req_s"), get(ls_, "small_c16", "req_s")), "≥ 1.3×", TARGETS["small_c16_vs_litserve"], "ge"))
     rows.append(("64 px JPEG c16 req/s: cvops ÷ naive", ratio(get(cv, "small_c16", "req_s"), get(nv, "small_c16", "req_s")), "≥ 1.2×", TARGETS["small_c16_vs_naive"], "ge"))
     rows.append(("64 px JPEG c1 p50: cvops − naive (ms)", (get(cv, "small_c1", "p50_ms") or 0) - (get(nv, "small_c1", "p50_ms") or 0), "≤ 0 ms", 0.0, "le"))
+    wk = WORKERS  # the same targets, for the multi-process gateway
+    rows.append(("12 MP JPEG c4 req/s: cvops workers ÷ naive", ratio(get(wk, "big_c4", "req_s"), get(nv, "big_c4", "req_s")), "≥ 3×", TARGETS["big_vs_naive"], "ge"))
+    rows.append(("64 px JPEG c16 req/s: cvops workers ÷ LitServe", ratio(get(wk, "small_c16", "req_s"), get(ls_, "small_c16", "req_s")), "≥ 1.3×", TARGETS["small_c16_vs_litserve"], "ge"))
+    rows.append(("64 px JPEG c16 req/s: cvops workers ÷ naive", ratio(get(wk, "small_c16", "req_s"), get(nv, "small_c16", "req_s")), "≥ 1.2×", TARGETS["small_c16_vs_naive"], "ge"))
+    rows.append(("64 px JPEG c16 req/s: cvops workers ÷ cvops one process", ratio(get(wk, "small_c16", "req_s"), get(cv, "small_c16", "req_s")), "", None, "ge"))
+    rows.append(("12 MP JPEG c4 req/s: cvops workers ÷ cvops one process", ratio(get(wk, "big_c4", "req_s"), get(cv, "big_c4", "req_s")), "", None, "ge"))
     if "triton_direct" in res:
-        rows.append(("gateway→Triton p50 − direct tritonclient p50 (ms)", res["triton_direct"]["difference_ms"], "≤ 0.5 ms", TARGETS["triton_minus_direct_ms"], "le"))
-    rows.append(("reduced-scale vs full decoding, top-1 agreement", res["draft"]["agreement"], "≥ 99.5 %", TARGETS["draft_agreement"], "ge"))
+        td = res["triton_direct"]
+        for proto in ("http", "grpc"):
+            rows.append((f"gateway→Triton p50 − direct tritonclient p50, {proto} (ms)", td[f"difference_{proto}_ms"], "≤ 0.5 ms", TARGETS["triton_minus_direct_ms"], "le"))
+            rows.append((f"   gateway CPU ms per request, → Triton {proto}", td[f"gateway_cpu_ms_per_request_{proto}"], "", None, "le"))
+    if "draft" in res: rows.append(("reduced-scale vs full decoding, top-1 agreement", res["draft"]["agreement"], "≥ 99.5 %", TARGETS["draft_agreement"], "ge"))
     rows.append(("gateway RSS MB (one model)", S.get(cv, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
-    print("\n{:<20} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}".format("server", "64px c1", "p50 ms", "64px c16", "12MP c1", "p50 ms", "12MP c4"))
+    rows.append(("gateway RSS MB per worker (largest, one model)", S.get(wk, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
+    print("\n{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}".format("server", "64px c1", "p50 ms", "64px c16", "12MP c1", "p50 ms", "12MP c4"))
     for name, r in S.items():
-        if "error" in r: print(f"{name:<20} {r['error']}"); continue
-        print(f"{name:<20} {r['small_c1']['req_s']:>10.0f} {r['small_c1']['p50_ms']:>10.1f} {r['small_c16']['req_s']:>10.0f} "
+        if "error" in r: print(f"{name:<32} {r['error']}"); continue
+        print(f"{name:<32} {r['small_c1']['req_s']:>10.0f} {r['small_c1']['p50_ms']:>10.1f} {r['small_c16']['req_s']:>10.0f} "
               f"{r['big_c1']['req_s']:>10.1f} {r['big_c1']['p50_ms']:>10.1f} {r['big_c4']['req_s']:>10.1f}")
-    d = res["draft"]
-    print(f"\nreduced-scale decoding on {d['n']} held-out 1024x768 photos: agreement {d['agreement']:.1%} ({d['flipped']} flipped, top-2 gap of "
+    d = res.get("draft")
+    if d: print(f"\nreduced-scale decoding on {d['n']} held-out 1024x768 photos: agreement {d['agreement']:.1%} ({d['flipped']} flipped, top-2 gap of "
           f"those ≤ {d['flipped_top2_gap_max']:.2e}, median gap {d['top2_gap_median']:.2e}); pixels differ by {d['pixel_mean_abs_diff']:.3f} on average")
     print("\n{:<52} {:>10}  {:<10}".format("measure (issue 14)", "measured", "target"))
     res["peer_summary"] = {}
     for name, val, target, lim, how in rows:
-        ok = None if val is None else (val >= lim if how == "ge" else val <= lim)
+        ok = None if val is None or lim is None else (val >= lim if how == "ge" else val <= lim)
         res["peer_summary"][name] = {"measured": val, "target": target, "met": ok}
         shown = "n/a" if val is None else f"{val:.3f}"
         print(f"{name:<52} {shown:>10}  {target:<10}{'' if ok is None else ('  ok' if ok else '  MISSED')}")
@@ -399,6 +471,9 @@ def main():
     ap.add_argument("--only-peers", action="store_true", help="only the peer comparison, the Triton difference and the decoding agreement")
     ap.add_argument("--no-peers", action="store_true", help="skip the peer comparison")
     ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 (a quarter at 1)")
+    ap.add_argument("--peer-runs", type=int, default=3, help="rounds of the peer comparison (medians are reported)")
+    ap.add_argument("--only-triton", action="store_true", help="only the gateway→Triton vs direct tritonclient figure")
+    ap.add_argument("--no-draft", action="store_true", help="skip the decoding agreement (it exports a resnet18)")
     ap.add_argument("--big-requests", type=int, default=60, help="hey requests per 12 MP run at concurrency 4 (a quarter at 1)")
     ap.add_argument("--draft-photos", type=int, default=200, help="held-out large photos for the decoding agreement")
     ap.add_argument("--only-detection", action="store_true", help="only detection beside classification (issue 17)")
@@ -422,6 +497,9 @@ def main():
            "method": "all paths measured in interleaved blocks (round-robin), so drifting load from other processes hits each alike"}
     print(f"model {a.backbone} at {a.size} px; {len(jpegs)} JPEGs of ~{res['model']['jpeg_bytes_mean']} B; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)
+    if a.only_triton:
+        res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
+        return _write(res, a.out)
     if a.only_peers:
         peers_main(a, tmp, bundle, pngs, jpegs, res)
         return _write(res, a.out)

@@ -26,5 +26,6 @@ def serve_command(p:ServeSettings):
     p = load_serve_config(p)
     where = ", ".join(e.name or str(e.model_dir or e.model or "the project model") for e in p.models) if p.models else \
         (p.model_dir or f"{p.model or 'the project model'}@{p.ref}")
-    click.echo(f"cvops gateway: {where} on {p.backend}, http://{p.host}:{p.port} (docs at /docs)", err=True)
+    procs = f", {p.workers} worker processes" if p.workers > 1 else ""
+    click.echo(f"cvops gateway: {where} on {p.backend}{procs}, http://{p.host}:{p.port} (docs at /docs)", err=True)
     serve(p)

@@ -5,6 +5,7 @@
 # %% ../nbs/40_serve.ipynb #505d0828
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -27,12 +28,14 @@ from .serve_http import (
 from .serve_models import ServedModel, build_backend, bundle_digest, resolve_bundle, same_model
 from .serve_gateway import Gateway, GatewayMetrics
 from .serve_v2 import add_v2_routes
+from .serve_workers import ReloadRequests, multiprocess_dir, render_metrics, run_workers, worker_settings
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MetricsMiddleware', 'Label', 'ModelRef', 'Detection', 'PredictResponse', 'ItemError', 'BatchItem',
-           'BatchResponse', 'ModelAnswer', 'CompositeResponse', 'ModelInfo', 'ErrorResponse', 'create_app', 'serve']
+           'BatchResponse', 'ModelAnswer', 'CompositeResponse', 'ModelInfo', 'ErrorResponse', 'create_app',
+           'app_from_env', 'serve']
 
 # %% ../nbs/40_serve.ipynb #47fa54e3
 _HEADERS = {401: {"WWW-Authenticate": "ApiKey"}, 503: {"Retry-After": "1"}}
@@ -252,7 +255,9 @@ def _add_admin_routes(app:FastAPI, gw:Gateway):
         ref = await reload_ref(request)
         if ref is not None and slot.settings.model_dir is not None:
             raise RequestError(400, f"model {slot.name!r} is a bundle folder (model_dir); a registry ref cannot be reloaded")
-        return json_response(await gw.reload(ref, slot.name))  # an unknown ref is a NotFoundError: 404 by its type
+        answer = await gw.reload(ref, slot.name)  # an unknown ref is a NotFoundError: 404 by its type
+        if app.state.reloads is not None: app.state.reloads.post(slot.name, ref)  # the other workers follow
+        return json_response(answer)
 
     doc = dict(tags=["admin"], openapi_extra=_RELOAD_BODY,
                responses={**_ERRORS, 404: {"model": ErrorResponse, "description": "no such model, version or alias"}})
@@ -292,15 +297,28 @@ def _add_ops_routes(app:FastAPI, gw:Gateway):
         return json_response([slot.describe(states[n][0]) for n, slot in gw.slots.items()])
 
     @app.get("/metrics", tags=["ops"], summary="Prometheus metrics")
-    async def metrics(): return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    async def metrics(): return Response(render_metrics(gw.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 # %% ../nbs/40_serve.ipynb #41ae691b
+async def _follow_reloads(gw:Gateway, reloads:ReloadRequests, every:float=0.5):
+    "Under several workers: apply the reloads other workers were asked for (at start: those asked before this worker began)."
+    while True:
+        for name, ref in await asyncio.to_thread(reloads.pending):
+            if name not in gw.slots: continue
+            try: await gw.reload(ref, name)
+            except Exception as e: log.warning("following a reload of %s to %s failed: %s", name, ref, e)
+        await asyncio.sleep(every)
+
 def _lifespan(gw:Gateway):
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await gw.start()
+        reloads = app.state.reloads
+        follow = asyncio.create_task(_follow_reloads(gw, reloads), name="follow-reloads") if reloads is not None else None
         try: yield
-        finally: await gw.stop()
+        finally:
+            if follow is not None: follow.cancel()
+            await gw.stop()
     return lifespan
 
 def create_app(settings:ServeSettings|None=None, # gateway settings (see `ServeSettings`)
@@ -314,6 +332,8 @@ def create_app(settings:ServeSettings|None=None, # gateway settings (see `ServeS
                   description="Image classification behind in-process ONNX Runtime or NVIDIA Triton. "
                               "Send an image, get the top-k labels with scores.")
     app.state.gateway = gw
+    folder = multiprocess_dir()  # set when this is one of several workers
+    app.state.reloads = ReloadRequests(folder) if folder is not None else None
     _add_error_handlers(app, gw)
     paths = _add_prediction_routes(app, gw)
     _add_admin_routes(app, gw)
@@ -321,6 +341,10 @@ def create_app(settings:ServeSettings|None=None, # gateway settings (see `ServeS
     paths |= add_v2_routes(app, gw)
     app.add_middleware(MetricsMiddleware, metrics=gw.metrics, paths=paths)
     return app
+
+def app_from_env() -> FastAPI:
+    "The app of one worker process of a several-worker gateway (uvicorn's factory; the settings come from `run_workers`)."
+    return create_app(worker_settings())
 
 # %% ../nbs/40_serve.ipynb #363dadc1
 def serve(settings:ServeSettings, # what and where to serve
@@ -331,6 +355,6 @@ def serve(settings:ServeSettings, # what and where to serve
     for _, s in settings.served():  # registry lookups and bundle checks before the server starts (cached for the app's startup)
         resolve_bundle(s)
         if s.shadow or s.shadow_dir: resolve_bundle(s, s.shadow, s.shadow_dir)
-    app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=False,
-                log_level=log_level, lifespan="on", timeout_graceful_shutdown=10)
+    opts = dict(loop="uvloop", http="httptools", access_log=False, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10)
+    if settings.workers > 1: return run_workers(settings, "cvops.serve:app_from_env", **opts)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **opts)

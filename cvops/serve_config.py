@@ -46,6 +46,7 @@ class ServeSettings(Params):
     batching: bool = Field(True, description="server-side micro-batching for the onnxruntime backend")
     max_batch: int = Field(16, ge=1, le=4096, description="most images per ONNX Runtime call when micro-batching")
     max_delay_ms: float = Field(0.0, ge=0, le=1000, description="how long a micro-batch may wait for more requests (0: only what is queued)")
+    workers: int = Field(1, ge=1, le=64, description="processes sharing the port, each with the models loaded (a dead one is restarted; /metrics sums them all)")
     threads: int|None = Field(None, ge=1, le=256, description="ONNX Runtime intra-op threads (default: cores - 1, one left for the event loop; at most 4)")
     top_k: int = Field(3, ge=1, le=1000, description="labels returned per image unless the request asks for another number")
     shadow: str|None = Field(None, description="registry ref of a challenger to shadow (e.g. challenger); answers still come from the champion")

@@ -39,6 +39,7 @@ class GatewayMetrics:
     "The gateway's Prometheus metrics, in their own registry."
     def __init__(self):
         r = self.registry = CollectorRegistry(auto_describe=True)
+        # a gauge's multiprocess_mode: how /metrics combines the workers' values under `--workers N` (cvops.serve_workers)
         self.requests = Counter("cvops_requests", "HTTP requests by route, method and status", ["route", "method", "status"], registry=r)
         self.latency = Histogram("cvops_request_latency_seconds", "HTTP request latency by route and status", ["route", "status"],
                                  buckets=_LATENCY_BUCKETS, registry=r)
@@ -55,16 +56,16 @@ class GatewayMetrics:
         self.bad_inputs = Counter("cvops_bad_inputs", "Refused inputs by reason (HTTP status)", ["status"], registry=r)
         self.capture = Counter("cvops_capture", "Capture outcomes: written, dropped (queue full), failed (store error)", ["outcome"], registry=r)
         self.shadow = Counter("cvops_shadow", "Shadow predictions by model and outcome: agree, disagree, error, skipped", ["model", "outcome"], registry=r)
-        self.shadow_agreement = Gauge("cvops_shadow_agreement", "Top-1 agreement of challenger with champion over the shadowed requests", ["model"], registry=r)
-        self.model_info = Gauge("cvops_model_info", "The served models (value 1)", ["role", "model", "version", "backend"], registry=r)
-        self.ready = Gauge("cvops_ready", "1 when the model's champion is loaded and its backend answers", ["model"], registry=r)
+        self.shadow_agreement = Gauge("cvops_shadow_agreement", "Top-1 agreement of challenger with champion over the shadowed requests", ["model"], multiprocess_mode="livemostrecent", registry=r)
+        self.model_info = Gauge("cvops_model_info", "The served models (value 1)", ["role", "model", "version", "backend"], multiprocess_mode="livemax", registry=r)
+        self.ready = Gauge("cvops_ready", "1 when the model's champion is loaded and its backend answers", ["model"], multiprocess_mode="livemin", registry=r)
         self.reloads = Counter("cvops_model_reloads", "Model reloads by outcome", ["outcome"], registry=r)
         # drift of live traffic against each model's reference (cvops.drift), updated when a window is scored
-        self.drift_flag = Gauge("cvops_drift_flag", "1 when the model's latest drift window drifted", ["model"], registry=r)
-        self.drift_p = Gauge("cvops_drift_p_value", "p-value of each drift test on the latest window", ["model", "test"], registry=r)
-        self.drift_stat = Gauge("cvops_drift_statistic", "Statistic of each drift test on the latest window (KS D, MMD², chi-square)", ["model", "test"], registry=r)
-        self.drift_threshold = Gauge("cvops_drift_threshold", "Bonferroni-corrected significance each p-value is compared with", ["model"], registry=r)
-        self.drift_scored = Gauge("cvops_drift_last_scored_timestamp_seconds", "When the model's drift was last scored (Unix time)", ["model"], registry=r)
+        self.drift_flag = Gauge("cvops_drift_flag", "1 when the model's latest drift window drifted", ["model"], multiprocess_mode="livemax", registry=r)
+        self.drift_p = Gauge("cvops_drift_p_value", "p-value of each drift test on the latest window", ["model", "test"], multiprocess_mode="livemostrecent", registry=r)
+        self.drift_stat = Gauge("cvops_drift_statistic", "Statistic of each drift test on the latest window (KS D, MMD², chi-square)", ["model", "test"], multiprocess_mode="livemostrecent", registry=r)
+        self.drift_threshold = Gauge("cvops_drift_threshold", "Bonferroni-corrected significance each p-value is compared with", ["model"], multiprocess_mode="livemostrecent", registry=r)
+        self.drift_scored = Gauge("cvops_drift_last_scored_timestamp_seconds", "When the model's drift was last scored (Unix time)", ["model"], multiprocess_mode="livemax", registry=r)
         self.drift_windows = Counter("cvops_drift_windows", "Drift windows scored, by outcome", ["model", "drift"], registry=r)
         for o in ("written", "dropped", "failed"): self.capture.labels(o)
 
@@ -169,7 +170,9 @@ class Gateway:
         if same_model(old, bundle): return False
         new = await self._load(slot, bundle, role)
         if old is not None:
-            self.metrics.model_info.remove(role, old.name, str(old.bundle.version), old.backend.kind)
+            gone = self.metrics.model_info.labels(role, old.name, str(old.bundle.version), old.backend.kind)
+            gone.set(0)  # several workers: a removed series would keep its last value in the worker's metrics file
+            if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"): self.metrics.model_info.remove(role, old.name, str(old.bundle.version), old.backend.kind)
         self._set(slot, new)
         if old is not None: self._spawn(old.close(), self._closing)
         return True

@@ -1,17 +1,24 @@
 """The prediction gateway over real HTTP: `cvops serve` processes under uvicorn on loopback, a real exported
 torchvision model, in-process ONNX Runtime and the real tritonserver (through cvops.triton), captures ingested by
-cvops.data, and a schemathesis run against the OpenAPI schema."""
+cvops.data, a schemathesis run against the OpenAPI schema, and a worker of a two-worker gateway killed under load."""
 import asyncio
 import base64
 import datetime as dt
+import http.client
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 import pytest
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
@@ -586,3 +593,110 @@ def test_reduced_scale_decoding_agrees_with_full_decoding(assets, tmp_path):
     assert rep["agreement"] >= 0.98, rep
     assert rep["flipped_top2_gap_max"] <= 2 * rep["logit_max_abs_diff"], rep
     assert 0 < rep["pixel_mean_abs_diff"] < 2, rep  # the reduced path really ran, and stayed close
+
+
+# -- several workers (cvops serve --workers N) ---------------------------------------
+
+def _workers(g) -> set[int]:
+    "PIDs of the gateway's worker processes (multiprocessing's resource tracker left out)."
+    out = set()
+    for p in psutil.Process(g.proc.pid).children():
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE and "resource_tracker" not in " ".join(p.cmdline()): out.add(p.pid)
+        except psutil.Error: pass  # gone meanwhile
+    return out
+
+
+def _predictions_counted(g) -> dict:
+    text = httpx.get(g.url + "/metrics", timeout=10).text
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == "cvops_requests_total" and s.labels["route"] == "/v1/predict": out[s.labels["status"]] = s.value
+    return out
+
+
+def _answered_by(folder: Path, pid: int) -> float:
+    "/v1/predict requests answered 200 by one worker, from its own metrics file."
+    from prometheus_client.multiprocess import MultiProcessCollector
+    return sum(s.value for m in MultiProcessCollector.merge([str(folder / f"counter_{pid}.db")]) for s in m.samples
+               if s.name == "cvops_requests_total" and s.labels.get("route") == "/v1/predict" and s.labels.get("status") == "200")
+
+
+def _wait_for(cond, timeout: float, what: str):
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if cond(): return
+        time.sleep(0.1)
+    raise AssertionError(f"not {what} after {timeout} s")
+
+
+def test_workers_kill_9_one_under_load_then_reload_reaches_all(assets, tmp_path):
+    t0 = time.monotonic()
+    b = tmp_path / "served"
+    shutil.copytree(assets["a"], b)
+    images = assets["images"]
+    data = images[0].read_bytes()
+    expected = reference_topk(b, data)[0][0]
+    with Gateway("--model-dir", b, "--workers", 2, "--watch-s", 0, env={"CVOPS_HOME": str(tmp_path / "home")},
+                 log=tmp_path / "gateway.log") as g:
+        _wait_for(lambda: len(_workers(g)) == 2, 30, "two workers")
+        before = _workers(g)
+        stop, lock = threading.Event(), threading.Lock()
+        tally = {"ok": 0, "wrong": 0, "5xx": 0, "other": 0, "conn": 0}
+
+        def client():  # a new connection per request: a refused or cut one can only be a request the dead worker held
+            while not stop.is_set():
+                req = urllib.request.Request(g.url + "/v1/predict", data=data, headers={"Content-Type": "image/png"})
+                try:
+                    with urllib.request.urlopen(req, timeout=10) as r:
+                        top = json.loads(r.read())["predictions"][0]["label"]
+                        key = "ok" if top == expected else "wrong"
+                except urllib.error.HTTPError as e: key = "5xx" if e.code >= 500 else "other"
+                except (OSError, http.client.HTTPException): key = "conn"  # refused, reset, or cut mid-answer
+                with lock: tally[key] += 1
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        for t in threads: t.start()
+        try:
+            _wait_for(lambda: tally["ok"] >= 40, 20, "40 answers before the kill")
+            victim = min(before)
+            folder = Path(psutil.Process(victim).environ()["PROMETHEUS_MULTIPROC_DIR"])
+            psutil.Process(victim).kill()  # SIGKILL: no shutdown, requests in flight are cut
+            with lock: at_kill = dict(tally)
+            replaced = set()
+            def came_back():  # one snapshot: the victim gone, two workers, one of them new
+                now = _workers(g)
+                if len(now) == 2 and victim not in now and len(now - before) == 1: replaced.update(now - before)
+                return bool(replaced)
+            _wait_for(came_back, 20, "a replacement worker")
+            _wait_for(lambda: tally["ok"] >= at_kill["ok"] + 60, 20, "60 answers after the kill")
+        finally:
+            stop.set()
+            for t in threads: t.join()
+        counted = _predictions_counted(g)
+        print(f"\n{time.monotonic() - t0:.1f} s; workers {sorted(before)} → killed {victim}, replaced by {sorted(replaced)}; "
+              f"answers {tally}; counted by /metrics {counted}")
+        assert victim not in _workers(g) and replaced <= _workers(g)
+        assert tally["5xx"] == 0 and tally["other"] == 0 and tally["wrong"] == 0, tally
+        assert tally["conn"] <= 4, tally  # at most one request in flight per client thread on the killed worker
+        # every answered request was counted by the worker that answered it, the killed one's included; a cut request
+        # may have been counted just before the kill (then it is counted but unanswered)
+        assert tally["ok"] <= counted.get("200", 0) <= tally["ok"] + tally["conn"], (tally, counted)
+        assert set(counted) == {"200"}
+        assert (folder / f"counter_{victim}.db").exists()  # the sum includes the dead worker's requests
+        assert httpx.get(g.url + "/readyz").status_code == 200
+
+        # a reload asked of one worker reaches the other (the registry watch is off: only the shared folder tells it)
+        shutil.copytree(assets["b"], b, dirs_exist_ok=True)
+        r = httpx.post(g.url + "/v1/admin/reload", timeout=30)
+        assert r.status_code == 200, r.text
+        time.sleep(1.5)  # the other worker looks every 0.5 s
+        want, live = reference_topk(assets["b"], data), _workers(g)
+        start = {p: _answered_by(folder, p) for p in live}
+        with httpx.Client(base_url=g.url, timeout=30) as c:  # a new connection each: the kernel spreads them over both workers
+            for i in range(200):
+                a = c.post("/v1/predict", content=data, headers={"Content-Type": "image/png", "Connection": "close"}).json()
+                assert_topk(a["predictions"], want)
+                if i % 10 == 9 and all(_answered_by(folder, p) >= start[p] + 3 for p in live): break
+        assert all(_answered_by(folder, p) >= start[p] + 3 for p in live), "one worker answered no request"
