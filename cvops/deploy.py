@@ -22,7 +22,7 @@ from .store import ArtifactStore
 
 # %% auto #0
 __all__ = ['GateParams', 'candidate', 'GateResult', 'gate', 'QAPolicy', 'Verdict', 'qa_decide', 'QAResult', 'bundle_accuracy',
-           'measure_qa', 'DeployParams', 'DeployResult', 'deploy']
+           'bundle_map50', 'measure_qa', 'DeployParams', 'DeployResult', 'deploy']
 
 # %% ../nbs/33_deploy.ipynb #813020a6
 class GateParams(Params):
@@ -91,24 +91,26 @@ class Verdict(BaseModel):
     passed: bool
     reason: str
 
-def qa_decide(accuracy:float|None,       # accuracy of the bundle on the QA images (None: not measured)
+def qa_decide(accuracy:float|None,       # the bundle's score on the QA images (None: not measured)
               n_images:int,              # how many images it was measured on
               policy:QAPolicy|None=None,
+              metric:str="accuracy",     # what `accuracy` is: 'accuracy' (a classifier) or 'map50' (a detector's mAP@.5)
              ) -> Verdict:
-    "Pure: may a version in `qa` go to production, given its accuracy on `n_images` images? Always says why."
+    "Pure: may a version in `qa` go to production, given its score on `n_images` images? Always says why."
     policy = policy or QAPolicy()
     if n_images < policy.min_images or accuracy is None:
         return Verdict(passed=False, reason=f"QA ran on {n_images} images; at least {policy.min_images} needed")
-    if not math.isfinite(accuracy): return Verdict(passed=False, reason=f"QA accuracy is {accuracy}: not a number")
-    measured = f"QA accuracy {accuracy:.3f} on {n_images} images (minimum {policy.min_accuracy})"
+    if not math.isfinite(accuracy): return Verdict(passed=False, reason=f"QA {metric} is {accuracy}: not a number")
+    measured = f"QA {metric} {accuracy:.3f} on {n_images} images (minimum {policy.min_accuracy})"
     if accuracy < policy.min_accuracy: return Verdict(passed=False, reason=f"{measured}: too low")
     return Verdict(passed=True, reason=measured)
 
 # %% ../nbs/33_deploy.ipynb #bf51d2ed
 class QAResult(BaseModel):
     "What the QA check measured."
-    accuracy: float|None
+    accuracy: float|None  # the value of `metric`
     n_images: int
+    metric: str = "accuracy"  # 'accuracy' for a classifier, 'map50' (mAP at IoU 0.5) for a detector
 
 def bundle_accuracy(bundle:ModelBundle,   # the bundle to check
                     images:list[bytes],   # encoded images
@@ -123,6 +125,20 @@ def bundle_accuracy(bundle:ModelBundle,   # the bundle to check
         pred += sess.run([bundle.output_name], {bundle.input_name: x})[0].argmax(1).tolist()
     return float(np.mean([bundle.classes[p] == label for p, label in zip(pred, labels)]))
 
+def bundle_map50(bundle:ModelBundle,        # a detection bundle
+                 images:list[bytes],        # encoded images
+                 boxes:list[list[dict]],    # their true boxes: [{"label", "bbox": [x, y, w, h] relative}] per image
+                ) -> float|None:            # mAP at IoU 0.5 (None without images)
+    "mAP@.5 of a detection bundle run in ONNX Runtime, one image per call as the gateway runs it."
+    if not images: return None
+    from cvops.detection import map50, to_targets
+    sess, size, preds = ort_session(bundle.onnx_path), bundle.spec.size, []
+    names = [o.name for o in bundle.outputs]
+    for data in images:
+        b, s, l = sess.run(names, {bundle.input_name: preprocess_bytes(data, bundle.spec)[None]})
+        preds.append(dict(boxes=b, scores=s, labels=l))
+    return map50(preds, [to_targets(d, list(bundle.classes), size) for d in boxes])
+
 def measure_qa(bundle_dir:str|Path,        # a bundle folder (e.g. materialised from the registry)
                dataset_version,            # a `DatasetVersion`, or its id
                n_images:int=32,            # test images to run
@@ -133,9 +149,10 @@ def measure_qa(bundle_dir:str|Path,        # a bundle folder (e.g. materialised 
     version = dataset_version if hasattr(dataset_version, "samples") else \
         load_version(dataset_version or "latest", store=store, cfg=cfg)
     samples = version.split("test")[:n_images] or version.split("val")[:n_images]
-    acc = bundle_accuracy(ModelBundle.load(bundle_dir), [version.image_bytes(s, store) for s in samples],
-                          [s.label for s in samples])
-    return QAResult(accuracy=acc, n_images=len(samples))
+    bundle, images = ModelBundle.load(bundle_dir), [version.image_bytes(s, store) for s in samples]
+    if bundle.task == "detection":
+        return QAResult(accuracy=bundle_map50(bundle, images, [s.detections or [] for s in samples]), n_images=len(samples), metric="map50")
+    return QAResult(accuracy=bundle_accuracy(bundle, images, [s.label for s in samples]), n_images=len(samples))
 
 # %% ../nbs/33_deploy.ipynb #f545c051
 class DeployParams(Params):
@@ -145,7 +162,7 @@ class DeployParams(Params):
     reason: str|None = Field(None, description="the gate's reason (default: from the gate stage)")
     dataset_version: str|None = Field(None, description="dataset version whose test split feeds the QA check (default: from curate)")
     qa_images: int = Field(32, ge=1, description="test images the QA check runs through the exported model")
-    qa_min_accuracy: float = Field(0.5, ge=0, le=1, description="QA accuracy the exported model must reach before production")
+    qa_min_accuracy: float = Field(0.5, ge=0, le=1, description="QA score the exported model must reach before production (accuracy; mAP@.5 for a detector)")
 
     def policy(self) -> QAPolicy:
         "The QA policy these parameters describe."
@@ -179,7 +196,7 @@ def deploy(params:DeployParams,            # the gate's decision and the QA sett
     with tempfile.TemporaryDirectory(prefix="qa-") as tmp:
         bundle_dir = reg.materialize(reg.get(cfg.model, "qa"), tmp)
         qa = measure_qa(bundle_dir, version or params.dataset_version, params.qa_images, reg.store, cfg)
-    verdict = qa_decide(qa.accuracy, qa.n_images, params.policy())
+    verdict = qa_decide(qa.accuracy, qa.n_images, params.policy(), qa.metric)
     if verdict.passed:
         reg.promote(cfg.model, params.model_version, "production", reason=f"{verdict.reason}; {params.reason}")
     return DeployResult(deployed=verdict.passed, verdict=verdict, qa=qa, aliases=reg.aliases(cfg.model))
