@@ -165,10 +165,10 @@ def loop_act(p:LoopActParams,       # see `LoopActParams`
         res.update(accuracy_drifted_before=acc0, accuracy_drifted_after=acc1, version_before=v0, version_after=turn.production_after)
         echo(f"[8] the gateway serves v{turn.production_after}; accuracy on {p.holdout} held-out drifted images: {acc0:.3f} → {acc1:.3f}")
         after = drift_gauges(client, model)["windows"]
-        send_traffic(client, drifted[: max(p.window, 20)])
+        send_traffic(client, synth_set(max(p.window, 20), p.seed + 3, size, DEMO_DRIFT))  # drifted images the loop never saw
         try:
             g = res["drift_after"] = wait_scored(client, model, after, timeout=30)
-            echo(f"      drift on the same drifted traffic, against the new model's reference: flag {g['flag']} "
+            echo(f"      drift on new drifted traffic, against the new model's reference (the traffic since the drift began): flag {g['flag']} "
                  f"(smallest p {min(g['p'].values()):.1e}, threshold {g['threshold']:.4f})")
         except CvopsError as e: echo(f"      ({e})")
     return res

@@ -24,9 +24,9 @@ from .export_detection import DetectionParity
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Parity', 'ExportParams', 'export_onnx', 'compare', 'check_parity', 'build_reference', 'export_bundle',
-           'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult', 'parity_images',
-           'reference_sample', 'export_run']
+__all__ = ['log', 'MIN_RECENT', 'Parity', 'ExportParams', 'export_onnx', 'compare', 'check_parity', 'build_reference',
+           'export_bundle', 'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult',
+           'parity_images', 'reference_sample', 'recent_traffic', 'export_run']
 
 # %% ../nbs/30_export.ipynb #0f36bb2e
 class Parity(BaseModel):
@@ -49,6 +49,8 @@ class ExportParams(Params):
     tolerance: float = Field(1e-4, gt=0, description="max abs logit difference allowed between ONNX Runtime and PyTorch")
     parity_images: int = Field(64, ge=1, le=100_000, description="validation images used for the parity check")
     reference_images: int = Field(300, ge=0, le=100_000, description="training images sampled for the drift reference (0: none)")
+    reference_since: str|None = Field(None, description="build the drift reference from the model's captures since this time "
+                                      "(ISO 8601 or 24h/7d) instead of training images: the new normal after drift")
     optimize: bool = Field(True, description="run the ONNX graph optimiser after export")
     tensorrt: bool = Field(False, description="also build a TensorRT engine (needs `tensorrt` and a GPU)")
     max_batch: int = Field(256, ge=1, description="largest batch for TensorRT profiles / Triton")
@@ -160,6 +162,7 @@ def export_bundle(model,                  # trained torch.nn.Module
                   name:str="model",
                   extra:dict|None=None,   # more fields for model.json (lineage …)
                   reference_images:list[bytes]|None=None, # training images for the drift reference (None: no reference)
+                  reference_inputs:np.ndarray|None=None, # preprocessed images whose predictions give the reference's class shares (default: parity_inputs)
                  ) -> tuple[Path, Parity]:
     "Export, check and verify a model into a bundle folder; on parity failure nothing is left and `ParityError` says by how much."
     out_dir = Path(out_dir)
@@ -176,7 +179,8 @@ def export_bundle(model,                  # trained torch.nn.Module
                               f"over {parity.n} images; tolerance {tolerance:g}; top-1 agreement {parity.top1_agreement:.1%})")
         sess = ort_session(work / "model.onnx")
         emb = next((o for o in sess.get_outputs() if o.name == EMBEDDING_NAME), None)
-        reference = build_reference(sess, classes, spec, reference_images, parity_inputs) if emb and reference_images else None
+        shares = parity_inputs if reference_inputs is None else reference_inputs
+        reference = build_reference(sess, classes, spec, reference_images, shares) if emb and reference_images else None
         write_bundle(work, classes, spec, name=name, embedding_dim=emb.shape[-1] if emb else None,
                      reference=reference.model_dump() if reference else None,
                      extra=dict(opset=opset, export_seconds=round(seconds, 3), parity=parity.model_dump(), **(extra or {})))
@@ -271,6 +275,29 @@ def reference_sample(version, store:ArtifactStore, n:int=300, seed:int=0) -> lis
     picked = np.random.default_rng(seed).choice(len(samples), min(n, len(samples)), replace=False) if samples else []
     return [version.image_bytes(samples[k], store) for k in sorted(picked)]
 
+MIN_RECENT = 30  # fewer captures than this make a poorer reference than the training images
+
+def recent_traffic(name:str,               # registry model whose captures are read
+                   since:str,              # ISO 8601 time or a duration ago (24h, 7d)
+                   spec:PreprocessSpec,    # the model's preprocessing
+                   cfg:ProjectConfig,
+                   n:int=300,              # the latest `n` captures
+                  ) -> tuple[list[bytes], np.ndarray|None]: # encoded images and their preprocessed stack (None: too few)
+    "The model's latest captures since `since`: the reference of a model retrained because its traffic drifted."
+    from cvops.errors import ImageError
+    from cvops.monitor import list_captures, parse_time
+    caps, _, fs = list_captures(cfg.store_location, name, parse_time(since, what="reference_since"))
+    images, inputs = [], []
+    for c in caps[-n:]:
+        data = fs.cat_file(c.image)
+        try: inputs.append(preprocess_bytes(data, spec)); images.append(data)
+        except ImageError: continue  # an undecodable capture tells nothing about the traffic's images
+    if len(images) < MIN_RECENT:
+        log.warning("only %d captures of %s since %s (fewer than %d): the drift reference comes from training images",
+                    len(images), name, since, MIN_RECENT)
+        return [], None
+    return images, np.stack(inputs)
+
 def _lineage(run, version) -> dict:
     "Where a bundle comes from: run, dataset version, backbone and code version."
     code = (run.git or {}) if hasattr(run, "git") else {}
@@ -306,9 +333,12 @@ def export_run(params:ExportParams|dict|None=None, # what to export (see `Export
     version = load_version(p.dataset_version or run.dataset_version, dataset=run.dataset, store=store)
     name, lineage = p.name or cfg.model, _lineage(run, version)
     out = Path(p.out) if p.out else cfg.home_dir / "exports" / f"{name}-{run.id}-{int(time.time())}"
+    recent, shares = recent_traffic(name, p.reference_since, spec, cfg, p.reference_images) if p.reference_since and p.reference_images else ([], None)
+    if recent: lineage["reference"] = f"{len(recent)} captures since {p.reference_since}"
     bundle, parity = export_bundle(model, classes, spec, out, parity_images(version, store, spec, p.parity_images),
                                    tolerance=p.tolerance, opset=p.opset, optimize=p.optimize, name=name, extra=dict(lineage=lineage),
-                                   reference_images=reference_sample(version, store, p.reference_images))
+                                   reference_images=recent or reference_sample(version, store, p.reference_images),
+                                   reference_inputs=shares)
     trt_note = _tensorrt(bundle, spec, parity_images(version, store, spec, 32), p.max_batch) if p.tensorrt else None
     mv = None
     if p.to_registry:

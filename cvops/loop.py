@@ -64,15 +64,19 @@ def count_new_labels(trained_version:str|None, # the dataset version the product
     return len(shas - seen)
 
 # %% ../nbs/49_loop.ipynb #e8111748
-def _drift(p:LoopParams, name:str, cfg:ProjectConfig, notes:list[str]) -> bool|None:
-    "The latest window's drift flag of the production model's captures, or None (with a note) when it cannot be measured."
+def _drift(p:LoopParams, name:str, cfg:ProjectConfig, notes:list[str]) -> tuple[bool|None, str|None]:
+    "The latest window's drift flag of the production model's captures (None, with a note: not measurable), and when the drift began."
     from cvops.monitor import monitor
     try: report = monitor(model=name, since=p.since, window=p.window, cfg=cfg)
     except (NotFoundError, BundleError) as e:
-        notes.append(f"drift not measured: {e}"); return None
-    if not report.windows: notes.append(f"drift not measured: {report.captures} capture(s), fewer than a window"); return None
+        notes.append(f"drift not measured: {e}"); return None, None
+    if not report.windows: notes.append(f"drift not measured: {report.captures} capture(s), fewer than a window"); return None, None
     notes.append(f"monitor: {report.captures} captures, {len(report.windows)} window(s), report {report.out}")
-    return report.drift
+    onset = None
+    for w in reversed(report.windows):  # the first window of the latest run of drifted ones
+        if not w.score.drift: break
+        onset = w.start
+    return report.drift, onset.isoformat() if onset else None
 
 def _weights(mv, cfg:ProjectConfig, folder:Path) -> Path|None:
     "The production model's trained weights as a local file, for fine-tuning."
@@ -98,7 +102,7 @@ def loop_once(params:LoopParams|dict|None=None, # see `LoopParams`
     name, reg, notes = p.model or cfg.model, Registry(cfg=cfg), []
     try: mv = reg.get(name, "production")
     except NotFoundError: mv = None
-    drift = _drift(p, name, cfg, notes) if mv else None
+    drift, onset = _drift(p, name, cfg, notes) if mv else (None, None)
     trained = _dt.datetime.fromisoformat(mv.created.replace("Z", "+00:00")) if mv else None
     new = count_new_labels((mv.lineage or {}).get("dataset_version") if mv else None, cfg)
     retrain, reason = should_retrain(bool(drift), new, trained, p.policy())
@@ -110,6 +114,9 @@ def loop_once(params:LoopParams|dict|None=None, # see `LoopParams`
         assignments = dict(pipeline or {})
         weights = _weights(mv, cfg, Path(tmp)) if (p.finetune and mv) else None
         if weights: assignments["train.weights"] = str(weights)
+        if drift and onset:  # the new model's drift reference: the traffic since the drift began, its new normal
+            assignments.setdefault("export.reference_since", onset)
+            result.notes.append(f"drift reference of the new model: the captures since {onset}")
         _, manifest = run_pipeline(assignments, stages="curate:", cfg=cfg)
     result.run_id = manifest.id
     result.production_after = reg.aliases(name).get("production")

@@ -53,3 +53,6 @@ def test_drift_labels_retrain_promote_serve(project):
     assert res["labels"]["annotated"] >= 50 and res["labels"]["accepted"] + res["labels"]["corrected"] == res["labels"]["annotated"]
     assert res["loop"]["drift"] is True and res["loop"]["retrain"] and res["version_after"] == res["version_before"] + 1, res["loop"]
     assert res["accuracy_drifted_after"] >= res["accuracy_drifted_before"] + MARGIN, (res["accuracy_drifted_before"], res["accuracy_drifted_after"])
+    # the new model's reference is the traffic since the drift began: new drifted traffic is its normal, not drift
+    assert any("drift reference of the new model" in n for n in res["loop"]["notes"]), res["loop"]["notes"]
+    assert res.get("drift_after", {}).get("flag") == 0, res.get("drift_after")
