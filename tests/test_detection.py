@@ -87,6 +87,15 @@ def test_detector_trains_and_records_the_run(project, version, run):
     assert not len(out["labels"]) or (out["labels"].min() >= 1 and out["labels"].max() <= len(classes))
 
 
+def test_same_seed_same_detector(project, version):
+    "Reproducible as classification: same version, parameters and seed give the same losses and mAP on the CPU."
+    from cvops.train import train
+    p = dict(task="detection", epochs=1, batch_size=16, image_size=64, limit=48, wandb="disabled", dataset_version=version.id)
+    a, b = (train(p, cfg=project["cfg"], store=project["store"]) for _ in range(2))
+    keys = ("train_loss", "val_map50")
+    assert [{k: r[k] for k in keys} for r in a.history] == [{k: r[k] for k in keys} for r in b.history]
+    assert a.checkpoint == b.checkpoint  # the same weights, byte for byte
+
 def test_fiftyone_evaluation_with_tp_fp_fn_per_object(project, version, run):
     from cvops.data import open_dataset, version_view
     from cvops.evaluate import DETECTION_FIELD, eval_key, evaluate, load_evaluation
@@ -121,3 +130,20 @@ def test_bad_inputs_fail_first(project, version):
         train(dict(task="detection", dataset_version=cls.id), cfg=project["cfg"], store=project["store"])
     with pytest.raises(ParameterError, match="needs a classification dataset version"):
         train(dict(dataset_version=version.id), cfg=project["cfg"], store=project["store"])
+
+
+def test_pipeline_task_detection_runs_ingest_to_gate(tmp_path):
+    "`cvops run -p task=detection`: synthetic boxes → detection version → detector → COCO evaluation → gate on map."
+    from conftest import ROOT, run_cli
+    proj = tmp_path / "proj"; proj.mkdir()
+    (proj / "cvops.yaml").write_text(f"stages_dir: {ROOT / 'nbs' / 'stages'}\nimage_size: 32\n")
+    r = run_cli("run", "--stages", "ingest:gate", "-p", "task=detection", "-p", "synth_n=60", "-p", "epochs=1",
+                "-p", "min_value=0", cwd=proj, timeout=900, env={"CVOPS_HOME": str(proj / ".cvops"), "CVOPS_STORE_URL": str(proj / "store")})
+    assert r.returncode == 0, r.stdout + r.stderr
+    m = json.loads(sorted((proj / ".cvops" / "runs").glob("*/manifest.json"))[-1].read_text())
+    assert [s["name"] for s in m["stages"]] == ["ingest", "curate", "train", "evaluate", "gate"]
+    assert all(s["status"] == "ok" for s in m["stages"]), m["stages"]
+    out = {s["name"]: s.get("outputs", {}) for s in m["stages"]}
+    assert out["curate"]["task"] == "detection" and out["train"]["task"] == "detection"
+    assert 0 <= out["evaluate"]["map"] <= out["evaluate"]["map50"] <= 1
+    assert out["gate"]["metric"] == "map" and out["gate"]["challenger_value"] == out["evaluate"]["map"]
