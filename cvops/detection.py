@@ -22,7 +22,7 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 # %% auto #0
 __all__ = ['DETECTORS', 'register_detector', 'build_detector', 'to_targets', 'augment_boxes', 'box_iou', 'map50',
-           'DetectionImages', 'detection_split', 'DetectionDataModule', 'ObjectDetector', 'predict_boxes']
+           'DetectionImages', 'detection_split', 'DetectionDataModule', 'ObjectDetector']
 
 # %% ../nbs/24_detection.ipynb #d84abe1c
 def _identity_transform(model:nn.Module, size:int) -> nn.Module:
@@ -296,10 +296,3 @@ class ObjectDetector(L.LightningModule):
         if h.scheduler == "cosine": sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
         else: sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=h.lr, total_steps=steps, pct_start=0.25)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-@torch.no_grad()
-def predict_boxes(model:nn.Module,   # an eval-mode detector (`ObjectDetector.model`)
-                  x:torch.Tensor,    # (N, 3, S, S) normalised images
-                 ) -> list[dict]:    # per image {"boxes" xyxy pixels, "scores", "labels"} on the CPU
-    "Boxes for a batch of preprocessed images."
-    return [{k: v.cpu() for k, v in p.items()} for p in model.eval()(list(x))]

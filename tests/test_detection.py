@@ -1,8 +1,9 @@
 """Object detection on the real path (issue 17): synthetic shapes with boxes → COCO ingest (bundled mongod) → a
 detection dataset version → a detector trained with Lightning → FiftyOne's COCO evaluation with TP/FP/FN per object.
 
-One throwaway project for the module; tiny data (64 px, 1–3 objects) and a few epochs, so the file runs in about a
-minute on 2 cores. The 15-minute accuracy measurement is bench/detection.py, not a test."""
+One throwaway project for the module; tiny data (160 images, 64 px, 1–3 objects) and a few epochs: the module's tests
+take about 2.5 minutes on a busy 2-core CPU, the pipeline test (its own project, 60 images at 32 px, papermill
+kernels) about 2.5 more. The 15-minute accuracy measurement is bench/detection.py, not a test."""
 import json
 import math
 import os
