@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'DETECTION_FIELD', 'calibration_bins', 'classification_metrics', 'confusion_png', 'reliability_png',
-           'EvaluateParams', 'Evaluation', 'eval_key', 'predict_detections', 'detection_metrics', 'pr_curves_png',
-           'write_fiftyone_detections', 'evaluate_detections', 'predict_split', 'predict_cached', 'write_fiftyone',
-           'evaluate', 'load_evaluation', 'list_evaluations']
+           'EvaluateParams', 'Evaluation', 'eval_key', 'predict_detections', 'detection_metrics', 'confident_counts',
+           'pr_curves_png', 'write_fiftyone_detections', 'evaluate_detections', 'predict_split', 'predict_cached',
+           'write_fiftyone', 'evaluate', 'load_evaluation', 'list_evaluations']
 
 # %% ../nbs/21_evaluate.ipynb #836454e5
 def calibration_bins(y_true:np.ndarray,  # true class index per sample
@@ -160,6 +160,18 @@ def detection_metrics(results,            # FiftyOne's `COCODetectionResults` (c
     mean = lambda d: float(np.mean(list(d.values()))) if d else 0.0
     return dict(map=mean(per), map50=mean(per50), per_class_ap=per, per_class_ap50=per50)
 
+def confident_counts(results,             # FiftyOne's detection results (matches at the evaluation's IoU)
+                     threshold:float=0.5, # predictions below this confidence are left out
+                    ) -> dict:            # threshold, tp, fp, fn, precision, recall
+    "TP/FP/FN counting only the confident predictions (a matched object whose prediction is below `threshold` is missed)."
+    has_gt = np.array([i is not None for i in results.ytrue_ids], bool)
+    has_pred = np.array([i is not None for i in results.ypred_ids], bool)
+    conf = np.array([c if c is not None else np.nan for c in results.confs], float) if len(has_pred) else np.zeros(0)
+    sure = has_pred & (np.nan_to_num(conf, nan=-1.0) >= threshold)
+    tp, fp = int((sure & has_gt).sum()), int((sure & ~has_gt).sum())
+    fn = int(has_gt.sum()) - tp
+    return dict(threshold=threshold, tp=tp, fp=fp, fn=fn, precision=tp / max(tp + fp, 1), recall=tp / max(tp + fn, 1))
+
 def pr_curves_png(results, classes:list[str], title:str="") -> bytes:
     "Precision–recall curves per class at IoU 0.5 (FiftyOne's COCO sweep), as a PNG."
     from matplotlib.figure import Figure
@@ -206,7 +218,9 @@ def evaluate_detections(run_id:str, version, split:str, model, classes:list[str]
     summary, results = write_fiftyone_detections(version, split, shas, classes, preds, spec.size, eval_key(run_id), cfg)
     metrics = detection_metrics(results, classes)
     tp, fp, fn = summary["tp"], summary["fp"], summary["fn"]
-    metrics.update(tp=tp, fp=fp, fn=fn, precision=tp / max(tp + fp, 1), recall=tp / max(tp + fn, 1))
+    # every box counts in mAP (and in the per-object fields); `confident` is what a 0.5 score threshold would serve
+    metrics.update(tp=tp, fp=fp, fn=fn, precision=tp / max(tp + fp, 1), recall=tp / max(tp + fn, 1),
+                   confident=confident_counts(results))
     pngs = dict(pr_curves=pr_curves_png(results, classes, f"{run_id} on {version.id}/{split}: PR, IoU 0.5"))
     blobs, files = _store_plots(pngs, _plot_dir(cfg, run_id, version.id, split), store)
     return Evaluation(run_id=run_id, dataset_version=version.id, split=split, metrics=metrics, confusion=[],

@@ -105,6 +105,8 @@ def test_fiftyone_evaluation_with_tp_fp_fn_per_object(project, version, run):
     assert 0 <= m["map"] <= m["map50"] <= 1 and set(m["per_class_ap"]) <= set(version.classes), m
     n_gt = sum(len(s.detections) for s in version.split("test"))
     assert m["tp"] + m["fn"] == n_gt and m["tp"] > 0, m
+    c = m["confident"]  # only predictions scored ≥ 0.5: fewer hits and far fewer false positives
+    assert c["tp"] + c["fn"] == n_gt and c["tp"] <= m["tp"] and c["fp"] <= m["fp"], c
     key = eval_key(run.id)
     ds = open_dataset(cfg=project["cfg"])
     view = version_view(version, cfg=project["cfg"])
