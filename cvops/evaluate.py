@@ -15,7 +15,7 @@ import numpy as np
 from pydantic import BaseModel, Field
 
 from .config import Params, ProjectConfig, load_config, utc_now
-from .errors import CvopsError, NotFoundError
+from .errors import CvopsError, NotFoundError, ParameterError
 from .preprocess import softmax
 from .store import ArtifactStore, project_store
 from .train import load_model, load_run, quiet_wandb, wandb_mode
@@ -23,9 +23,10 @@ from .train import load_model, load_run, quiet_wandb, wandb_mode
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'calibration_bins', 'classification_metrics', 'confusion_png', 'reliability_png', 'EvaluateParams',
-           'Evaluation', 'eval_key', 'predict_split', 'predict_cached', 'write_fiftyone', 'evaluate', 'load_evaluation',
-           'list_evaluations']
+__all__ = ['log', 'DETECTION_FIELD', 'calibration_bins', 'classification_metrics', 'confusion_png', 'reliability_png',
+           'EvaluateParams', 'Evaluation', 'eval_key', 'predict_detections', 'detection_metrics', 'confident_counts',
+           'pr_curves_png', 'write_fiftyone_detections', 'evaluate_detections', 'predict_split', 'predict_cached',
+           'write_fiftyone', 'evaluate', 'load_evaluation', 'list_evaluations']
 
 # %% ../nbs/21_evaluate.ipynb #836454e5
 def calibration_bins(y_true:np.ndarray,  # true class index per sample
@@ -127,6 +128,105 @@ def _doc_key(run_id:str, version_id:str, split:str) -> str: return f"evaluations
 def _plot_dir(cfg:ProjectConfig, run_id:str, version_id:str, split:str) -> Path:
     return cfg.home_dir / "evaluations" / run_id / f"{version_id}-{split}"
 
+# %% ../nbs/21_evaluate.ipynb #b0e40201
+DETECTION_FIELD = "predictions_detections"  # the FiftyOne field holding a detector's evaluated boxes
+
+def predict_detections(model,              # an eval-mode torchvision detector on the CPU
+                       ds,                 # a `cvops.detection.DetectionImages` (uint8 pixels from the image cache)
+                       spec,               # the run's `PreprocessSpec`
+                       batch_size:int=64,  # images per forward pass
+                      ) -> list[dict]:     # per image {"boxes" (n, 4) xyxy pixels of S×S, "scores", "labels"} numpy
+    "Boxes of a detector for a cached split, read and normalised a batch at a time."
+    import torch
+    from cvops.loader import normalize_batch
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(ds), batch_size):
+            x = normalize_batch(torch.from_numpy(ds.cache.read(range(i, min(i + batch_size, len(ds))))), spec.mean, spec.std)
+            out += [{k: v.numpy() for k, v in p.items()} for p in model.eval()(list(x.contiguous()))]
+    return out
+
+def detection_metrics(results,            # FiftyOne's `COCODetectionResults` (compute_mAP=True)
+                      classes:list[str],  # the model's classes
+                     ) -> dict:           # map, map50, per_class_ap, per_class_ap50 (classes with ground truth)
+    "mAP@[.5:.95] and mAP@.5, overall and per class, from FiftyOne's COCO precision table (iou × class × recall)."
+    prec, known = np.asarray(results.precision), list(results.classes)
+    i50 = int(np.argmin(np.abs(np.asarray(results.iou_threshs) - 0.5)))
+    per, per50 = {}, {}
+    for c in classes:
+        if c not in known or (prec[:, known.index(c)] < 0).all(): continue  # -1: no ground truth of c in the split
+        k = known.index(c)
+        per[c], per50[c] = float(prec[:, k].mean()), float(prec[i50, k].mean())
+    mean = lambda d: float(np.mean(list(d.values()))) if d else 0.0
+    return dict(map=mean(per), map50=mean(per50), per_class_ap=per, per_class_ap50=per50)
+
+def confident_counts(results,             # FiftyOne's detection results (matches at the evaluation's IoU)
+                     threshold:float=0.5, # predictions below this confidence are left out
+                    ) -> dict:            # threshold, tp, fp, fn, precision, recall
+    "TP/FP/FN counting only the confident predictions (a matched object whose prediction is below `threshold` is missed)."
+    has_gt = np.array([i is not None for i in results.ytrue_ids], bool)
+    has_pred = np.array([i is not None for i in results.ypred_ids], bool)
+    conf = np.array([c if c is not None else np.nan for c in results.confs], float) if len(has_pred) else np.zeros(0)
+    sure = has_pred & (np.nan_to_num(conf, nan=-1.0) >= threshold)
+    tp, fp = int((sure & has_gt).sum()), int((sure & ~has_gt).sum())
+    fn = int(has_gt.sum()) - tp
+    return dict(threshold=threshold, tp=tp, fp=fp, fn=fn, precision=tp / max(tp + fp, 1), recall=tp / max(tp + fn, 1))
+
+def pr_curves_png(results, classes:list[str], title:str="") -> bytes:
+    "Precision–recall curves per class at IoU 0.5 (FiftyOne's COCO sweep), as a PNG."
+    from matplotlib.figure import Figure
+    prec, known = np.asarray(results.precision), list(results.classes)
+    i50 = int(np.argmin(np.abs(np.asarray(results.iou_threshs) - 0.5)))
+    fig = Figure(figsize=(5, 4.2)); ax = fig.add_subplot()
+    for c in classes:
+        if c in known and (prec[i50, known.index(c)] >= 0).any():
+            p = prec[i50, known.index(c)]
+            ax.plot(results.recall, p, label=f"{c} (AP50 {p.mean():.2f})")
+    ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision", title=title or "PR curves, IoU 0.5")
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)
+
+def write_fiftyone_detections(version, split:str, shas:list[str], classes:list[str], preds:list[dict], size:int,
+                              key:str, cfg:ProjectConfig):
+    "Predicted boxes into FiftyOne on the split's samples and FiftyOne's COCO evaluation of them: (summary, results)."
+    import fiftyone as fo
+    from cvops.data import open_dataset, version_view
+    ds = open_dataset(version.dataset, cfg)
+    view = version_view(version, cfg=cfg).match(fo.ViewField("sha256").is_in(shas))
+    ids = dict(zip(*view.values(["sha256", "id"])))
+    def dets(p):
+        return fo.Detections(detections=[fo.Detection(label=classes[int(l) - 1], confidence=float(s),
+                                                      bounding_box=[x1 / size, y1 / size, (x2 - x1) / size, (y2 - y1) / size])
+                                         for (x1, y1, x2, y2), s, l in zip(p["boxes"].tolist(), p["scores"], p["labels"])])
+    values = {ids[s]: dets(p) for s, p in zip(shas, preds) if s in ids}
+    if not values: raise CvopsError(f"none of the {len(shas)} images of split {split!r} is in FiftyOne dataset {version.dataset!r}")
+    view.set_values(DETECTION_FIELD, values, key_field="id")
+    if key in ds.list_evaluations(): ds.delete_evaluation(key)
+    results = view.evaluate_detections(DETECTION_FIELD, gt_field="ground_truth_detections", eval_key=key, method="coco",
+                                       compute_mAP=True, classes=classes, progress=False)
+    counts = {k: int(view.sum(f"{key}_{k}") or 0) for k in ("tp", "fp", "fn")}
+    return dict(dataset=ds.name, field=DETECTION_FIELD, gt_field="ground_truth_detections", eval_key=key,
+                samples=len(values), missing=len(shas) - len(values), **counts), results
+
+def evaluate_detections(run_id:str, version, split:str, model, classes:list[str], spec, store:ArtifactStore,
+                        cfg:ProjectConfig, batch_size:int=64) -> Evaluation:
+    "A detector on a split: boxes into FiftyOne, COCO mAP@[.5:.95], mAP@.5, per-class AP, PR curves, TP/FP/FN per object."
+    from cvops.detection import detection_split
+    ds = detection_split(version, split, store, spec, cfg.home_dir / "cache" / "images", classes)  # training's cache
+    shas = [s.sha256 for s in version.split(split)]
+    preds = predict_detections(model, ds, spec, batch_size)
+    summary, results = write_fiftyone_detections(version, split, shas, classes, preds, spec.size, eval_key(run_id), cfg)
+    metrics = detection_metrics(results, classes)
+    tp, fp, fn = summary["tp"], summary["fp"], summary["fn"]
+    # every box counts in mAP (and in the per-object fields); `confident` is what a 0.5 score threshold would serve
+    metrics.update(tp=tp, fp=fp, fn=fn, precision=tp / max(tp + fp, 1), recall=tp / max(tp + fn, 1),
+                   confident=confident_counts(results))
+    pngs = dict(pr_curves=pr_curves_png(results, classes, f"{run_id} on {version.id}/{split}: PR, IoU 0.5"))
+    blobs, files = _store_plots(pngs, _plot_dir(cfg, run_id, version.id, split), store)
+    return Evaluation(run_id=run_id, dataset_version=version.id, split=split, metrics=metrics, confusion=[],
+                      classes=classes, dataset=version.dataset, n=len(shas), created=utc_now(), plot_blobs=blobs,
+                      plots=files, fiftyone=summary)
+
 # %% ../nbs/21_evaluate.ipynb #0267f8cc
 def predict_split(model, x, batch_size:int=128) -> np.ndarray:
     "Logits of `model` (eval mode, CPU) for a tensor of preprocessed images, in batches."
@@ -181,8 +281,12 @@ def _log_wandb(ev:Evaluation, cfg:ProjectConfig, mode:str, project:str="cvops"):
                    name=f"eval-{ev.run_id}-{ev.dataset_version}-{ev.split}",
                    config=dict(run_id=ev.run_id, dataset_version=ev.dataset_version, split=ev.split))
     try:
-        table = wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
-                            data=[[c, *v.values()] for c, v in ev.metrics["per_class"].items()])
+        if "per_class" in ev.metrics:
+            table = wandb.Table(columns=["class", "precision", "recall", "f1", "support"],
+                                data=[[c, *v.values()] for c, v in ev.metrics["per_class"].items()])
+        else:  # detection
+            ap50 = ev.metrics.get("per_class_ap50", {})
+            table = wandb.Table(columns=["class", "ap", "ap50"], data=[[c, v, ap50.get(c)] for c, v in ev.metrics["per_class_ap"].items()])
         r.log({**{f"{ev.split}_{k}": v for k, v in ev.metrics.items() if not isinstance(v, dict)},
                f"{ev.split}_per_class": table,
                **{f"{ev.split}_{k}": wandb.Image(Image.open(p)) for k, p in ev.plots.items()}})
@@ -195,6 +299,23 @@ def _store_plots(pngs:dict[str, bytes], out:Path, store:ArtifactStore) -> tuple[
     for name, data in pngs.items(): (out / f"{name}.png").write_bytes(data)
     return {k: store.put_bytes(v).sha256 for k, v in pngs.items()}, {k: str(out / f"{k}.png") for k in pngs}
 
+def _evaluate_classification(run_id:str, version, split:str, model, classes:list[str], spec, store:ArtifactStore,
+                             cfg:ProjectConfig, batch_size:int, fiftyone:bool) -> Evaluation:
+    "Accuracy, per-class P/R/F1, confusion and calibration of a classifier on a split; predictions into FiftyOne."
+    from cvops.loader import split_dataset
+    ds = split_dataset(version, split, store, spec, cfg.home_dir / "cache" / "images", classes)  # training's cache and path
+    y, shas = ds.labels, [s.sha256 for s in version.split(split)]
+    logits = predict_cached(model, ds, spec, batch_size)
+    metrics, confusion, cal = classification_metrics(y, softmax(logits), classes)
+    title = f"{run_id} on {version.id}/{split}"
+    pngs = dict(confusion=confusion_png(confusion, classes, title), reliability=reliability_png(cal, split))
+    blobs, files = _store_plots(pngs, _plot_dir(cfg, run_id, version.id, split), store)
+    ev = Evaluation(run_id=run_id, dataset_version=version.id, split=split, metrics=metrics, confusion=confusion,
+                    classes=classes, dataset=version.dataset, n=len(y), calibration=cal, created=utc_now(),
+                    plot_blobs=blobs, plots=files)
+    if fiftyone: ev.fiftyone = write_fiftyone(version, split, shas, classes, logits, eval_key(run_id), cfg)
+    return ev
+
 def evaluate(run_id:str|None="latest",        # training run id, or 'latest' (None: latest)
              dataset_version:str|None="latest", # dataset version id (None/'latest': newest of the run's dataset)
              split:str="test",                 # 'train' | 'val' | 'test'
@@ -204,9 +325,8 @@ def evaluate(run_id:str|None="latest",        # training run id, or 'latest' (No
              fiftyone:bool=True,               # write predictions + an evaluation run into FiftyOne
              wandb:str|None=None,              # W&B mode (offline/online/disabled; default WANDB_MODE or offline)
             ) -> Evaluation:
-    "Evaluate a run on a dataset version's split; store metrics and plots; write predictions into FiftyOne."
+    "Evaluate a run (classifier or detector) on a dataset version's split; store metrics and plots; predictions into FiftyOne."
     from cvops.data import load_version
-    from cvops.loader import split_dataset
     mode = wandb_mode(wandb)  # a bad mode fails before any work
     cfg = cfg or load_config()
     store = project_store(store, cfg)
@@ -215,18 +335,14 @@ def evaluate(run_id:str|None="latest",        # training run id, or 'latest' (No
     if not version.split(split):
         counts = {k: sum(v.values()) for k, v in version.counts.items()}
         raise CvopsError(f"dataset version {version.id} has no {split!r} images; images per split: {counts}")
+    if run.task != version.task:
+        raise ParameterError(f"run {run.id} is a {run.task} model; dataset version {version.id} is a {version.task} version")
+    if run.task == "detection" and not fiftyone:
+        raise ParameterError("detection is evaluated by FiftyOne (COCO mAP, TP/FP/FN per object): fiftyone must stay on")
     model, classes, spec = load_model(run.id, store)
-    ds = split_dataset(version, split, store, spec, cfg.home_dir / "cache" / "images", classes)  # training's cache and path
-    y, shas = ds.labels, [s.sha256 for s in version.split(split)]
-    logits = predict_cached(model, ds, spec, batch_size)
-    metrics, confusion, cal = classification_metrics(y, softmax(logits), classes)
-    title = f"{run.id} on {version.id}/{split}"
-    pngs = dict(confusion=confusion_png(confusion, classes, title), reliability=reliability_png(cal, split))
-    blobs, files = _store_plots(pngs, _plot_dir(cfg, run.id, version.id, split), store)
-    ev = Evaluation(run_id=run.id, dataset_version=version.id, split=split, metrics=metrics, confusion=confusion,
-                    classes=classes, dataset=version.dataset, n=len(y), calibration=cal, created=utc_now(),
-                    plot_blobs=blobs, plots=files)
-    if fiftyone: ev.fiftyone = write_fiftyone(version, split, shas, classes, logits, eval_key(run.id), cfg)
+    if run.task == "detection":
+        ev = evaluate_detections(run.id, version, split, model, classes, spec, store, cfg, batch_size)
+    else: ev = _evaluate_classification(run.id, version, split, model, classes, spec, store, cfg, batch_size, fiftyone)
     store.write_json(_doc_key(run.id, version.id, split), ev.model_dump(mode="json", exclude={"plots"}))
     if mode != "disabled":
         try: _log_wandb(ev, cfg, mode, run.params.get("wandb_project", "cvops"))

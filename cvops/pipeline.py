@@ -55,10 +55,12 @@ class IngestStage(IngestParams):
     source: str|None = Field(None, description="image folder, COCO json, CSV, or captures folder; None: synthesise the demo data")
     synth_n: int = Field(1200, ge=4, description="images to synthesise when there is no source")
     seed: int = Field(0, ge=0, description="seed of the synthetic data")
+    task: Literal["classification", "detection"] = Field("classification", description="synthetic data for: classification (one shape per image) or detection (1–4 boxed shapes, COCO)")
 
 class CurateStage(Params):
     "Parameters of the curate/version stage."
     dataset: str|None = Field(None, description="FiftyOne dataset (default: the project's)")
+    task: Literal["classification", "detection"] = Field("classification", description="version the image labels (classification) or the boxes (detection)")
 
 _FIFTYONE = "import cvops.config, cvops.data, pandas; cvops.data.fiftyone_db()"  # connect as the stage would (FiftyOne reads its config at import)
 _TORCH = "import torch, torchvision, lightning, matplotlib.pyplot, pandas"  # the kernel's env has OMP_WAIT_POLICY (StageKernel)
@@ -149,10 +151,16 @@ def params_from(schema:type[Params], # the stage's Params model
 def synthetic_source(n:int=1200,               # images to generate
                      seed:int=0,               # seed of the synthetic data
                      cfg:ProjectConfig|None=None,
-                    ) -> Path:                 # the folder tree (one folder per class)
+                     task:str="classification", # 'detection': several boxed shapes per image, as COCO JSON
+                    ) -> Path:                 # the folder tree (one folder per class), or the COCO annotations.json
     "The demo's synthetic shapes, generated into the project's home: the ingest stage's source when it is given none."
-    from cvops.synth import generate
+    from cvops.synth import generate, generate_detection
     cfg = cfg or load_config()
+    if task == "detection":
+        out = cfg.home_dir / "synthetic" / f"boxes-n{n}-seed{seed}-{cfg.image_size}px"
+        counts = generate_detection(out=out, n=n, seed=seed, size=cfg.image_size, progress=False)
+        log.info("synthesised %d images with %d objects into %s", n, sum(counts.values()), out)
+        return out / "annotations.json"
     out = cfg.home_dir / "synthetic" / f"shapes-n{n}-seed{seed}-{cfg.image_size}px"
     counts = generate(out=out, n=n, seed=seed, size=cfg.image_size, progress=False)
     log.info("synthesised %d images into %s", sum(counts.values()), out)

@@ -18,7 +18,8 @@ from .store import ArtifactStore, project_store
 from .errors import IntegrityError
 
 # %% auto #0
-__all__ = ['ALIASES', 'ModelVersion', 'check_model_name', 'Registry', 'GatePolicy', 'Candidate', 'Decision', 'decide']
+__all__ = ['ALIASES', 'TASK_METRICS', 'ModelVersion', 'check_model_name', 'Registry', 'GatePolicy', 'Candidate', 'Decision',
+           'decide', 'gate_metric']
 
 # %% ../nbs/31_registry.ipynb #ae44cb70
 ALIASES = ("challenger", "qa", "production")  # the stages a model version moves through
@@ -221,3 +222,12 @@ def decide(champion:Candidate|None, # the current production model's evaluation 
     verdict = f"challenger {m}={new:.4f} vs champion {m}={old:.4f} (gain {gain:+.4f}, margin {policy.margin})"
     ok = gain > 0 and gain >= policy.margin  # "beats by at least margin": a tie never replaces the champion
     return Decision(promote=ok, reason=("promote: " if ok else "refuse: ") + verdict)
+
+# %% ../nbs/31_registry.ipynb #a34c5dcc
+TASK_METRICS = {"classification": "accuracy", "detection": "map"}  # what the gate compares by default, per task
+
+def gate_metric(task:str,           # the challenger run's task
+                metric:str="accuracy", # the metric asked for (the gate's default is classification's)
+               ) -> str:            # the metric to compare
+    "The gate's metric for a task: the one asked for, except that the default `accuracy` means mAP@[.5:.95] (`map`) for detectors."
+    return TASK_METRICS.get(task, metric) if metric == TASK_METRICS["classification"] else metric

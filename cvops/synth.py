@@ -5,6 +5,7 @@
 # %% ../nbs/02_synth.ipynb #8a5fa6a4
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections import Counter
@@ -20,7 +21,8 @@ from .config import Params
 from .errors import ParameterError
 
 # %% auto #0
-__all__ = ['SHAPES', 'BACKGROUNDS', 'SynthParams', 'synth_image', 'class_plan', 'generate']
+__all__ = ['SHAPES', 'BACKGROUNDS', 'SynthParams', 'synth_image', 'class_plan', 'generate', 'DetectionSynthParams',
+           'synth_detection_image', 'generate_detection']
 
 # %% ../nbs/02_synth.ipynb #af62ff4f
 SHAPES = ("circle", "square", "triangle", "star")  # the classes the generator can draw
@@ -147,3 +149,104 @@ def generate(params:SynthParams|dict|None=None, # knobs, as a `SynthParams` or a
         else: img.save(tmp, format="JPEG", quality=92)
         os.replace(tmp, dest)
     return dict(sorted(Counter(plan).items()))
+
+# %% ../nbs/02_synth.ipynb #7d5fb282
+class DetectionSynthParams(SynthParams):
+    "Knobs of the synthetic detection set: several shapes per image, each with its box, written as COCO JSON."
+    n: int = Field(300, ge=1, le=1_000_000, description="number of images")
+    size: int = Field(128, ge=16, le=2048, description="image side in pixels")
+    objects_min: int = Field(1, ge=0, le=64, description="fewest objects per image")
+    objects_max: int = Field(4, ge=1, le=64, description="most objects per image")
+    object_min: float = Field(0.15, gt=0, le=1, description="smallest object side, as a fraction of the image side")
+    object_max: float = Field(0.4, gt=0, le=1, description="largest object side, as a fraction of the image side")
+    max_overlap: float = Field(0.1, ge=0, le=1, description="largest IoU allowed between two objects' boxes")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        if self.objects_min > self.objects_max:
+            raise ValueError(f"objects_min ({self.objects_min}) must not exceed objects_max ({self.objects_max})")
+        if self.object_min > self.object_max:
+            raise ValueError(f"object_min ({self.object_min}) must not exceed object_max ({self.object_max})")
+        return self
+
+def _iou(a, b) -> float:
+    "IoU of two [x, y, w, h] boxes."
+    iw = max(0.0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    inter = iw * ih
+    return inter / (a[2] * a[3] + b[2] * b[3] - inter)
+
+def _draw_object(draw:ImageDraw.ImageDraw, shape:str, box:list[float], fill:tuple, angle:float):
+    "Draw `shape` filling the square `box` ([x, y, side, side], in the canvas' pixels)."
+    x, y, s, _ = box
+    cx, cy, r = x + s / 2, y + s / 2, s / 2
+    if shape == "circle": draw.ellipse([x, y, x + s, y + s], fill=fill)
+    else:  # the polygon's own bounding box is tightened below: a rotated triangle does not fill its square
+        draw.polygon(_polygon(shape, cx, cy, r, angle), fill=fill)
+
+def synth_detection_image(shapes:list[str],        # the object classes to draw, in order
+                          rng:np.random.Generator, # the image's own random stream
+                          p:DetectionSynthParams,  # knobs
+                         ) -> tuple[Image.Image, list[tuple[str, list[float]]]]: # image, [(label, [x, y, w, h] px)]
+    "Draw several shapes on one background (boxes overlapping at most `max_overlap`); their tight pixel boxes."
+    s, k = p.size, 2  # drawn at twice the size, then downsampled: anti-aliased edges, as `synth_image`
+    bg = _background(rng, s, p.background)
+    lum = float(bg.mean())
+    big = Image.fromarray(np.uint8(bg)).resize((k * s, k * s), Image.NEAREST)
+    draw = ImageDraw.Draw(big)
+    boxes = []
+    for shape in shapes:
+        for _ in range(50):  # rejection sampling: a crowded image keeps fewer objects
+            side = rng.uniform(p.object_min, p.object_max) * s
+            x, y = rng.uniform(0, s - side, 2)
+            box = [float(x), float(y), float(side), float(side)]
+            if all(_iou(box, b) <= p.max_overlap for _, b in boxes): break
+        else: continue
+        colour = rng.uniform(0, 90, 3) if lum > 128 else rng.uniform(165, 255, 3)
+        angle = rng.uniform(0, 2 * math.pi)
+        pts = [(v * k) for v in box]
+        _draw_object(draw, shape, pts, tuple(int(c) for c in colour), angle)
+        if shape != "circle":  # the tight box of the rotated polygon
+            poly = np.array(_polygon(shape, x + side / 2, y + side / 2, side / 2, angle))
+            lo, hi = np.clip(poly.min(0), 0, s), np.clip(poly.max(0), 0, s)
+            box = [float(lo[0]), float(lo[1]), float(hi[0] - lo[0]), float(hi[1] - lo[1])]
+        boxes.append((shape, [round(v, 2) for v in box]))
+    img = big.resize((s, s), Image.BOX)
+    if p.blur > 0: img = img.filter(ImageFilter.GaussianBlur(p.blur))
+    arr = np.asarray(img, np.float32) * p.brightness
+    if p.noise > 0: arr = arr + rng.normal(0, p.noise * 255, arr.shape)
+    return Image.fromarray(np.uint8(np.clip(arr, 0, 255).round())), boxes
+
+def generate_detection(params:DetectionSynthParams|dict|None=None, # knobs, or a dict of (possibly text) values
+                       progress:bool=True,                         # show a progress bar
+                       **kwargs,                                   # knobs as keywords, e.g. `out=`, `n=`
+                      ) -> dict[str, int]:                         # objects written per class
+    "Write `n` images with 1–4 (knobs) shapes each as `out/images/` + `out/annotations.json` (COCO); deterministic per seed."
+    if not isinstance(params, DetectionSynthParams):
+        from cvops.config import validate_params
+        params = validate_params(DetectionSynthParams, {**(params or {}), **kwargs}, source="--")
+    p = params
+    out = Path(p.out).expanduser()
+    _check_writable(out); (out / "images").mkdir(exist_ok=True)
+    ext = "jpg" if p.format == "jpeg" else "png"
+    plan_rng = np.random.default_rng([p.seed, 2**31 + 1])
+    w = None if p.class_weights is None else np.asarray(p.class_weights, float) / sum(p.class_weights)
+    cats = {c: i + 1 for i, c in enumerate(p.classes)}
+    images, anns, counts = [], [], Counter()
+    for i in tqdm(range(p.n), desc="synth", unit="img", disable=not progress, leave=False):
+        shapes = [p.classes[j] for j in plan_rng.choice(len(p.classes), size=int(plan_rng.integers(p.objects_min, p.objects_max + 1)), p=w)]
+        img, boxes = synth_detection_image(shapes, np.random.default_rng([p.seed, i]), p)
+        name = f"img_{i:06d}.{ext}"
+        tmp = out / "images" / f"{name}.part"
+        if ext == "png": img.save(tmp, format="PNG", optimize=False)
+        else: img.save(tmp, format="JPEG", quality=92)
+        os.replace(tmp, out / "images" / name)
+        images.append({"id": i + 1, "file_name": name, "width": p.size, "height": p.size})
+        for label, b in boxes:
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cats[label], "bbox": b,
+                         "area": round(b[2] * b[3], 2), "iscrowd": 0})
+            counts[label] += 1
+    doc = {"images": images, "annotations": anns, "categories": [{"id": v, "name": c} for c, v in cats.items()]}
+    tmp = out / "annotations.json.part"
+    tmp.write_text(json.dumps(doc)); os.replace(tmp, out / "annotations.json")  # written last: a complete set
+    return dict(sorted(counts.items()))

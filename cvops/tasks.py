@@ -212,5 +212,8 @@ class ImageClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 # %% ../nbs/22_tasks.ipynb #c5bfe255
+from .detection import DetectionDataModule, ObjectDetector  # imports nothing from here at load time: no cycle
+
 TASKS: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] = {
-    "classification": (ImageClassifier, VersionDataModule)}
+    "classification": (ImageClassifier, VersionDataModule),
+    "detection": (ObjectDetector, DetectionDataModule)}

@@ -32,13 +32,16 @@ from .store import ArtifactStore, project_store
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TORCHVISION_BACKBONES', 'Accelerator', 'Precision', 'STRATEGIES', 'backbone_names', 'TrainParams',
-           'trainer_options', 'git_state', 'package_versions', 'hardware', 'TrainRun', 'list_runs', 'load_run',
-           'build_model', 'load_model', 'read_wandb_run', 'wandb_mode', 'quiet_wandb', 'training_log', 'train']
+__all__ = ['log', 'TORCHVISION_BACKBONES', 'DETECTOR_NAMES', 'Accelerator', 'Precision', 'STRATEGIES', 'backbone_names',
+           'detector_names', 'TrainParams', 'trainer_options', 'git_state', 'package_versions', 'hardware', 'TrainRun',
+           'list_runs', 'load_run', 'build_model', 'load_model', 'read_wandb_run', 'wandb_mode', 'quiet_wandb',
+           'training_log', 'train']
 
 # %% ../nbs/20_train.ipynb #e1550201
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
                          "efficientnet_b1", "regnet_y_400mf", "shufflenet_v2_x1_0", "convnext_tiny")  # cvops.tasks builds these
+DETECTOR_NAMES = ("fcos_tiny_fpn", "fcos_resnet18_fpn", "fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large",
+                  "fcos_resnet50_fpn", "retinanet_resnet50_fpn")  # cvops.detection builds these
 Accelerator = Literal["auto", "cpu", "cuda", "gpu", "mps", "tpu"]
 Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64",
                     "transformer-engine", "transformer-engine-float16"]
@@ -54,6 +57,11 @@ def backbone_names() -> list[str]:
     "The backbones a run may name: `cvops.tasks.BACKBONES` once imported (it may hold registered ones), else the built-ins."
     tasks = sys.modules.get("cvops.tasks")
     return sorted(tasks.BACKBONES if tasks is not None else TORCHVISION_BACKBONES)
+
+def detector_names() -> list[str]:
+    "The detectors a run may name: `cvops.detection.DETECTORS` once imported (it may hold registered ones), else the built-ins."
+    det = sys.modules.get("cvops.detection")
+    return sorted(det.DETECTORS if det is not None else DETECTOR_NAMES)
 
 def _one_of(value:str, names) -> str:
     if value not in names: raise ValueError(f"must be one of {', '.join(names)}")
@@ -72,8 +80,9 @@ class TrainParams(Params):
     "Parameters of a training run (`cvops train`, the train stage)."
     dataset: str|None = Field(None, description="dataset name (default: the project's)")
     dataset_version: str = Field("latest", description="dataset version id to train on, or 'latest'")
-    task: Literal["classification"] = Field("classification", description="what the model learns")
+    task: Literal["classification", "detection"] = Field("classification", description="what the model learns: image labels or boxes")
     backbone: str = Field("resnet18", description="torchvision architecture by name (see cvops.tasks.BACKBONES)")
+    detector: str = Field("fcos_tiny_fpn", description="task=detection: detector by name (see cvops.detection.DETECTORS)")
     weights: str|None = Field(None, description="local weights file to start from (loaded with weights_only=True)")
     image_size: int|None = Field(None, ge=8, le=4096, description="model input side in pixels (default: project image_size)")
     epochs: int = Field(8, ge=1, le=10_000, description="passes over the training split")
@@ -100,6 +109,10 @@ class TrainParams(Params):
     @field_validator("backbone")
     @classmethod
     def _known_backbone(cls, v): return _one_of(v, backbone_names())
+
+    @field_validator("detector")
+    @classmethod
+    def _known_detector(cls, v): return _one_of(v, detector_names())
 
     @field_validator("strategy")
     @classmethod
@@ -229,12 +242,15 @@ def build_model(backbone:str,    # a name in `cvops.tasks.BACKBONES`
 def load_model(run_id:str,                    # a run id, or 'latest'
                store:ArtifactStore|None=None, cfg:ProjectConfig|None=None,
               ) -> tuple:                     # (nn.Module in eval mode on CPU, classes, PreprocessSpec)
-    "The trained network of a run, with its class order and preprocessing."
+    "The trained network of a run (a classifier, or a torchvision detector), with its class order and preprocessing."
     import torch
     store = project_store(store, cfg)
     run = load_run(run_id, store)
     ckpt = torch.load(io.BytesIO(store.get_bytes(run.checkpoint)), map_location="cpu", weights_only=True)
-    model = build_model(ckpt["backbone"], len(ckpt["classes"]))
+    if ckpt.get("task", "classification") == "detection":  # a torchvision detector: label i + 1 is class i
+        from cvops.detection import build_detector
+        model = build_detector(ckpt["detector"], len(ckpt["classes"]) + 1, ckpt["preprocess"]["size"])
+    else: model = build_model(ckpt["backbone"], len(ckpt["classes"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), list(ckpt["classes"]), PreprocessSpec(**ckpt["preprocess"])
 
@@ -360,11 +376,17 @@ def _build(p:TrainParams, version, store, spec:PreprocessSpec, channels_last:boo
     dm = data_cls(version, store, spec, batch_size=p.batch_size, seed=p.seed, num_workers=p.num_workers, limit=p.limit,
                   cache_dir=cache_dir, pin_memory=pin_memory)
     dm.setup("fit")
-    module = module_cls(backbone=p.backbone, classes=tuple(version.classes), lr=p.lr, weight_decay=p.weight_decay,
-                        optimizer=p.optimizer, scheduler=p.scheduler, label_smoothing=p.label_smoothing,
-                        augment=p.augment, seed=p.seed, channels_last=channels_last, weights=p.weights,
-                        mean=spec.mean, std=spec.std)
-    return dm, module
+    common = dict(classes=tuple(version.classes), lr=p.lr, weight_decay=p.weight_decay, optimizer=p.optimizer,
+                  scheduler=p.scheduler, augment=p.augment, seed=p.seed, weights=p.weights, mean=spec.mean, std=spec.std)
+    if p.task == "detection": return dm, module_cls(detector=p.detector, size=spec.size, **common)
+    return dm, module_cls(backbone=p.backbone, label_smoothing=p.label_smoothing, channels_last=channels_last, **common)
+
+def _check_task(p:TrainParams, version):
+    "The version must carry what the task learns: boxes for detection, image labels for classification."
+    vtask = getattr(version, "task", "classification")
+    if vtask != p.task:
+        hint = " (create one with create_version(..., task='detection'))" if p.task == "detection" else ""
+        raise ParameterError(f"task={p.task} needs a {p.task} dataset version, but version {version.id} is a {vtask} version{hint}")
 
 def _wandb_logger(p:TrainParams, run_id:str, record:dict, cfg:ProjectConfig):
     "Lightning's W&B logger for the run (its W&B run starts lazily, on rank 0), or False when W&B is disabled."
@@ -381,7 +403,7 @@ def _log_wandb_extras(logger, module, dm, spec:PreprocessSpec, n:int=16):
     "A confusion matrix and a table of sample validation predictions, on the W&B run."
     import torch, wandb
     v = module.last_val
-    if not v: return
+    if not v or "logits" not in v: return  # detection: its metrics are logged by the module
     classes = module.classes
     y, logits = v["target"], v["logits"]
     prob = torch.softmax(logits, 1)
@@ -407,12 +429,17 @@ def _save_checkpoint(module, p:TrainParams, version, spec:PreprocessSpec, store:
     import torch
     buf = io.BytesIO()
     state = {k: v.detach().cpu().contiguous() for k, v in module.model.state_dict().items()}
-    torch.save(dict(state_dict=state, backbone=p.backbone, classes=list(version.classes), preprocess=spec.model_dump()), buf)
+    extra = dict(task="detection", detector=p.detector) if p.task == "detection" else {}
+    torch.save(dict(state_dict=state, backbone=_arch(p), classes=list(version.classes), preprocess=spec.model_dump(), **extra), buf)
     return store.put_bytes(buf.getvalue()).sha256
+
+def _arch(p:TrainParams) -> str:
+    "The run's architecture: the backbone (classification) or the detector."
+    return p.detector if p.task == "detection" else p.backbone
 
 def _final_metrics(rows:list[dict]) -> dict:
     last = rows[-1] if rows else {}
-    metrics = {k: last[k] for k in ("val_accuracy", "val_loss", "train_loss", "train_accuracy") if k in last}
+    metrics = {k: last[k] for k in ("val_accuracy", "val_loss", "val_map50", "train_loss", "train_accuracy") if k in last}
     return dict(metrics, epochs=len(rows), train_images_per_s=last.get("train_images_per_s"))
 
 def train(params:TrainParams|dict|None=None, # parameters (a `TrainParams`, or a dict of possibly-text values)
@@ -432,15 +459,16 @@ def train(params:TrainParams|dict|None=None, # parameters (a `TrainParams`, or a
     cuda = torch.cuda.is_available()
     opts = trainer_options(p, cuda)
     version = _resolve_version(p, version, store, cfg)
+    _check_task(p, version)
     spec = PreprocessSpec(size=p.image_size or cfg.image_size)
-    run_id, t_start = _new_run_id(p.backbone), time.perf_counter()
+    run_id, t_start = _new_run_id(_arch(p)), time.perf_counter()
     with training_log(cfg.home_dir / "logs" / f"train-{run_id}.log") as log_file:
         L.seed_everything(p.seed, workers=True, verbose=False)
         on_gpu = cuda and opts["accelerator"] in ("auto", "gpu", "cuda")
         dm, module = _build(p, version, store, spec, _channels_last(p, opts, cuda), cfg.home_dir / "cache" / "images", on_gpu)
         record = dict(id=run_id, seed=p.seed, task=p.task, params=p.model_dump(), dataset=version.dataset,
                       dataset_version=version.id, classes=list(version.classes), preprocess=spec.model_dump(),
-                      backbone=p.backbone, git=git_state(), packages=package_versions(), hardware=hardware(),
+                      backbone=_arch(p), git=git_state(), packages=package_versions(), hardware=hardware(),
                       trainer={k: v for k, v in opts.items() if k != "max_epochs"})
         logger, history = _wandb_logger(p, run_id, record, cfg), _history_callback()
         trainer = L.Trainer(**opts, logger=logger, callbacks=[history], enable_checkpointing=False,
@@ -457,5 +485,6 @@ def train(params:TrainParams|dict|None=None, # parameters (a `TrainParams`, or a
                        wandb_dir=wandb_dir, log_file=str(log_file), seconds=round(time.perf_counter() - t_start, 3),
                        world_size=trainer.world_size)
         store.write_json(f"runs/{run_id}.json", run.model_dump(mode="json"))
-        log.info("run %s: val_accuracy %.4f after %d epochs", run_id, metrics.get("val_accuracy", float("nan")), len(history.rows))
+        key = "val_map50" if p.task == "detection" else "val_accuracy"
+        log.info("run %s: %s %.4f after %d epochs", run_id, key, metrics.get(key, float("nan")), len(history.rows))
     return run

@@ -26,11 +26,12 @@ __all__ = ['VersionSample', 'DatasetVersion', 'version_hash', 'create_version', 
 
 # %% ../nbs/14_versions.ipynb #6197189f
 class VersionSample(BaseModel):
-    "One image of a version: its content hash, label, split and file extension."
+    "One image of a version: its content hash, label, split and file extension (and its boxes, in a detection version)."
     sha256: str
     label: str
     split: Literal["train", "val", "test"]
     ext: str
+    detections: list[dict]|None = None  # detection versions: [{"label", "bbox": [x, y, w, h] relative}]
 
 class DatasetVersion(BaseModel):
     "An immutable, content-addressed snapshot of a dataset's labelled, non-quarantined samples."
@@ -38,6 +39,7 @@ class DatasetVersion(BaseModel):
     sha256: str
     dataset: str
     created: str
+    task: Literal["classification", "detection"] = "classification"
     classes: list[str]
     samples: list[VersionSample]
     counts: dict[str, dict[str, int]]
@@ -56,37 +58,63 @@ class DatasetVersion(BaseModel):
         return f"DatasetVersion({self.dataset}@{self.id}: {len(self.samples)} samples, {len(self.classes)} classes, {n})"
     __str__ = __repr__
 
-def version_hash(dataset:str, classes:list[str], samples:list[dict]) -> str:
-    "sha256 of the canonical JSON of a version's content (contract A)."
+def version_hash(dataset:str, classes:list[str], samples:list[dict],
+                 task:str="classification", # a detection version's task (and its samples' boxes) enter the hash
+                ) -> str:
+    "sha256 of the canonical JSON of a version's content (contract A); classification versions hash as before tasks."
     doc = {"dataset": dataset, "classes": classes, "samples": samples}
+    if task != "classification": doc["task"] = task
     return sha256_bytes(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
 
 def _counts(samples:list[dict]) -> dict[str, dict[str, int]]:
+    "Per split, images per label (classification) or objects per label (detection: samples carry `detections`)."
     out = {s: Counter() for s in SPLITS}
-    for s in samples: out[s["split"]][s["label"]] += 1
+    for s in samples:
+        if "detections" in s: out[s["split"]].update(d["label"] for d in s["detections"])
+        else: out[s["split"]][s["label"]] += 1
     return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+def _classes(samples:list[dict]) -> list[str]:
+    "Image labels (classification) or object labels (detection), sorted."
+    return sorted({d["label"] for s in samples for d in s["detections"]} if samples and "detections" in samples[0]
+                  else {s["label"] for s in samples})
 
 def _version_key(dataset:str, vid:str) -> str: return f"datasets/{check_dataset_name(dataset)}/versions/{vid}.json"
 
 # %% ../nbs/14_versions.ipynb #34bb057b
+def _add_boxes(view, samples:list[dict]):
+    "Each sample's boxes from `ground_truth_detections` (relative [x, y, w, h]); its label: the ingest's dominant one."
+    labels, boxes = view.values(["ground_truth_detections.detections.label", "ground_truth_detections.detections.bounding_box"])
+    for s, ls, bs in zip(samples, labels, boxes):
+        s["detections"] = [{"label": l, "bbox": [float(v) for v in b]} for l, b in zip(ls or [], bs or [])]
+        if s["label"] is None:  # no image label: the most frequent object's
+            s["label"] = Counter(d["label"] for d in s["detections"]).most_common(1)[0][0] if s["detections"] else ""
+
 def create_version(dataset:str|None=None,        # FiftyOne dataset (default: the project's `dataset`)
                    store:ArtifactStore|None=None, # artifact store (default: the project's)
                    cfg:ProjectConfig|None=None,   # project settings
+                   task:str="classification",     # 'classification' (image labels) or 'detection' (boxes)
                   ) -> DatasetVersion:            # the new version, or the existing one with the same content
     "Snapshot the dataset's labelled, non-quarantined samples into an immutable version (idempotent)."
     cfg = cfg or load_config(); store = project_store(store, cfg)
     ds = open_dataset(dataset, cfg)
     fo = fiftyone_db(cfg)
     F = fo.ViewField
-    view = ds.exists("ground_truth.label").match(~F("tags").contains("quarantined")).exists("split")
+    if task not in ("classification", "detection"):
+        raise ParameterError(f"task must be classification or detection, got {task!r}")
+    field = "ground_truth.label" if task == "classification" else "ground_truth_detections.detections"
+    view = ds.exists(field).match(~F("tags").contains("quarantined")).exists("split")
     shas, labels, splits, paths = view.values(["sha256", "ground_truth.label", "split", "filepath"])
     if not shas:
-        raise CvopsError(f"dataset {ds.name!r} has no labelled, readable samples to version "
+        what = "labelled" if task == "classification" else "boxed (ground_truth_detections)"
+        raise CvopsError(f"dataset {ds.name!r} has no {what}, readable samples to version "
                          f"({len(ds)} samples, {len(ds.match_tags('needs_label'))} need a label)")
-    samples = sorted(({"sha256": s, "label": l, "split": sp, "ext": Path(p).suffix.lstrip(".") or "bin"}
-                      for s, l, sp, p in zip(shas, labels, splits, paths)), key=lambda d: d["sha256"])
-    classes = sorted({s["label"] for s in samples})
-    sha = version_hash(ds.name, classes, samples)
+    samples = [{"sha256": s, "label": l, "split": sp, "ext": Path(p).suffix.lstrip(".") or "bin"}
+               for s, l, sp, p in zip(shas, labels, splits, paths)]
+    if task == "detection": _add_boxes(view, samples)
+    samples.sort(key=lambda d: d["sha256"])
+    classes = _classes(samples)
+    sha = version_hash(ds.name, classes, samples, task)
     vid = sha[:16]
     key = _version_key(ds.name, vid)
     with store.lock(f"datasets/{ds.name}/versions"):
@@ -102,6 +130,7 @@ def create_version(dataset:str|None=None,        # FiftyOne dataset (default: th
         # microseconds (not `utc_now`'s seconds): versions made within one second still sort in order
         doc = {"id": vid, "sha256": sha, "dataset": ds.name, "created": datetime.now(timezone.utc).isoformat(),
                "classes": classes, "samples": samples, "counts": _counts(samples)}
+        if task != "classification": doc["task"] = task
         store.write_json(key, doc)
     return DatasetVersion.model_validate(doc)
 
@@ -115,15 +144,17 @@ def _read_version(key:str, store:ArtifactStore) -> DatasetVersion:
     "Read and verify a version document: its content must hash to its recorded sha256 and id."
     doc = store.read_json(key)
     try:
-        samples = [dict(sha256=s["sha256"], label=s["label"], split=s["split"], ext=s["ext"]) for s in doc["samples"]]
-        sha = version_hash(doc["dataset"], doc["classes"], samples)
+        task = doc.get("task", "classification")
+        samples = [dict(sha256=s["sha256"], label=s["label"], split=s["split"], ext=s["ext"],
+                        **({"detections": s["detections"]} if task == "detection" else {})) for s in doc["samples"]]
+        sha = version_hash(doc["dataset"], doc["classes"], samples, task)
     except (KeyError, TypeError) as e:
         raise IntegrityError(f"dataset version {key} is malformed (missing {e}); it was edited or damaged") from None
     vid = key.rsplit("/", 1)[-1].removesuffix(".json")
     if sha != doc.get("sha256") or vid != doc.get("id") or sha[:16] != vid:
         raise IntegrityError(f"dataset version {vid} was modified: its content hashes to {sha[:16]}…, "
                              f"recorded {str(doc.get('sha256'))[:16]}… — recreate it with create_version")
-    if doc.get("counts") != _counts(samples) or doc["classes"] != sorted({s["label"] for s in samples}):
+    if doc.get("counts") != _counts(samples) or doc["classes"] != _classes(samples):
         raise IntegrityError(f"dataset version {vid} was modified: its counts or classes do not match its samples")
     return DatasetVersion.model_validate(doc)
 
@@ -170,6 +201,9 @@ def export_version(version:DatasetVersion|str,    # a version (or its id)
     from tqdm.auto import tqdm
     store = project_store(store)
     if isinstance(version, str): version = load_version(version, dataset, store)
+    if version.task != "classification":
+        raise ParameterError(f"dataset version {version.id} is a {version.task} version: export writes the "
+                             "classification folder layout only (train on the version directly)")
     out = Path(out_dir)
     for s in tqdm(version.samples, desc=f"export {version.id}", unit="img", disable=not progress, leave=False):
         dest = out / s.split / s.label / f"{s.sha256}.{s.ext}"
