@@ -93,7 +93,7 @@ def version_command(p:CreateVersionParams):
     from cvops.versions import create_version, version_ids
     cfg = load_config(); store = project_store(None, cfg)
     before = set(version_ids(check_dataset_name(p.dataset or cfg.dataset), store))
-    v = create_version(p.dataset, store, cfg)
+    v = create_version(p.dataset, store, cfg, task=p.task)
     click.echo(("unchanged, existing version " if v.id in before else "created version ") + _describe(v))
 
 @data_command("versions", ListVersionsParams)

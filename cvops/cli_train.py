@@ -17,6 +17,19 @@ from .train import TrainParams
 __all__ = ['train_cmd', 'evaluate_cmd', 'runs_cmd']
 
 # %% ../nbs/92_cli_train.ipynb #91e7a68a
+def _val_score(m:dict) -> tuple[str, float]:
+    "A run's validation score: mAP@.5 for a detector, accuracy for a classifier."
+    key = "val_map50" if "val_map50" in m else "val_accuracy"
+    return key, m.get(key, float("nan"))
+
+def _echo_detection(m:dict):
+    "A detector's evaluation: mAP, per-class AP and what a 0.5 score threshold would serve."
+    for c, ap in m["per_class_ap"].items():
+        click.echo(f"  {c:<16} AP {ap:.3f}  AP50 {m['per_class_ap50'].get(c, float('nan')):.3f}")
+    k = m.get("confident")
+    if k: click.echo(f"  at score ≥ {k['threshold']}: {k['tp']} TP, {k['fp']} FP, {k['fn']} FN "
+                     f"(precision {k['precision']:.3f}, recall {k['recall']:.3f})")
+
 @params_command(cli, "train", TrainParams)
 def train_cmd(p:TrainParams):
     "Train a model on a dataset version; the run (checkpoint, metrics, reproducibility record) goes to the store."
@@ -24,9 +37,9 @@ def train_cmd(p:TrainParams):
     run = train(p, progress=sys.stderr.isatty())
     if run is None: return  # another process of a multi-process (DDP) run: rank 0 reports
     m = run.metrics
+    score = _val_score(m)
     click.echo(f"run {run.id}: {run.backbone} on {run.dataset}@{run.dataset_version}, {m.get('epochs')} epochs, "
-               f"val_accuracy {m.get('val_accuracy', float('nan')):.4f}, val_loss {m.get('val_loss', float('nan')):.4f}, "
-               f"{run.seconds:.0f} s")
+               f"{score[0]} {score[1]:.4f}, val_loss {m.get('val_loss', float('nan')):.4f}, {run.seconds:.0f} s")
     click.echo(f"checkpoint {run.checkpoint}" + (f"; W&B run {run.wandb_dir}" if run.wandb_dir else ""))
     click.echo(f"log {run.log_file}")
 
@@ -35,13 +48,18 @@ def evaluate_cmd(p:EvaluateParams):
     "Evaluate training run RUN_ID (default: the latest) on a dataset version and split."
     from cvops.evaluate import evaluate
     ev = evaluate(**p.model_dump())
-    m = ev.metrics
-    click.echo(f"run {ev.run_id} on {ev.dataset}@{ev.dataset_version}/{ev.split} ({ev.n} images): "
-               f"accuracy {m['accuracy']:.4f}, macro_f1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}")
-    for c, v in m["per_class"].items():
-        click.echo(f"  {c:<16} precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n {v['support']}")
+    m, where = ev.metrics, f"run {ev.run_id} on {ev.dataset}@{ev.dataset_version}/{ev.split} ({ev.n} images)"
+    if "map" in m:
+        click.echo(f"{where}: mAP@[.5:.95] {m['map']:.4f}, mAP@.5 {m['map50']:.4f}")
+        _echo_detection(m)
+        field = "predictions_detections"
+    else:
+        click.echo(f"{where}: accuracy {m['accuracy']:.4f}, macro_f1 {m['macro_f1']:.4f}, ECE {m['ece']:.4f}")
+        for c, v in m["per_class"].items():
+            click.echo(f"  {c:<16} precision {v['precision']:.3f}  recall {v['recall']:.3f}  f1 {v['f1']:.3f}  n {v['support']}")
+        field = "predictions"
     click.echo("plots: " + ", ".join(ev.plots.values()))
-    if ev.fiftyone: click.echo(f"FiftyOne: dataset {ev.fiftyone['dataset']}, field predictions, eval key {ev.fiftyone['eval_key']}")
+    if ev.fiftyone: click.echo(f"FiftyOne: dataset {ev.fiftyone['dataset']}, field {field}, eval key {ev.fiftyone['eval_key']}")
 
 @cli.command("runs")
 def runs_cmd():
@@ -49,7 +67,8 @@ def runs_cmd():
     from cvops.train import list_runs
     runs = list_runs()
     if not runs: click.echo("no training runs yet (cvops train)"); return
-    click.echo(f"{'run':<40} {'created':<26} {'backbone':<20} {'dataset@version':<32} {'epochs':>6} {'val_acc':>8}")
+    click.echo(f"{'run':<40} {'created':<26} {'backbone':<22} {'dataset@version':<32} {'epochs':>6} {'val score':>18}")
     for r in runs:
-        click.echo(f"{r.id:<40} {r.created:<26} {r.backbone:<20} {r.dataset + '@' + r.dataset_version:<32} "
-                   f"{r.metrics.get('epochs', ''):>6} {r.metrics.get('val_accuracy', float('nan')):>8.4f}")
+        key, v = _val_score(r.metrics)
+        click.echo(f"{r.id:<40} {r.created:<26} {r.backbone:<22} {r.dataset + '@' + r.dataset_version:<32} "
+                   f"{r.metrics.get('epochs', ''):>6} {key.removeprefix('val_') + ' ' + format(v, '.4f'):>18}")

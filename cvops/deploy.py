@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field
 
 from .bundle import ModelBundle, ort_session
 from .config import Params, ProjectConfig, load_config
-from .errors import NotFoundError
+from .errors import NotFoundError, ParameterError
 from .preprocess import preprocess_bytes
 from .registry import Candidate, Decision, GatePolicy, Registry, decide
 from .store import ArtifactStore
@@ -73,10 +73,17 @@ def gate(params:GateParams,                 # the challenger, the data and the p
     "Judge the challenger against the production champion on the same data (`registry.decide`); changes nothing."
     cfg = cfg or (registry.cfg if registry else load_config())
     reg = registry or Registry(cfg=cfg)
-    challenger = candidate(params.run_id, params.dataset_version, params.split, store=reg.store, cfg=cfg)
+    from cvops.train import load_run
+    run = load_run(params.run_id or "latest", store=reg.store)
+    challenger = candidate(run.id, params.dataset_version, params.split, store=reg.store, cfg=cfg)
     try: champ = reg.get(cfg.model, "production")
     except NotFoundError: champion = None
-    else: champion = candidate(champ.lineage["run_id"], challenger.dataset_version, params.split, champ.version, reg.store, cfg)
+    else:
+        tasks = [getattr(r, "task", "classification") for r in (load_run(champ.lineage["run_id"], store=reg.store), run)]
+        if tasks[0] != tasks[1]:  # a detector and a classifier are not comparable: one model name per task
+            raise ParameterError(f"production model {cfg.model!r} v{champ.version} is a {tasks[0]} model and run {run.id} is a "
+                                 f"{tasks[1]} run: give the {tasks[1]} model its own name (`model:` in cvops.yaml or CVOPS_MODEL)")
+        champion = candidate(champ.lineage["run_id"], challenger.dataset_version, params.split, champ.version, reg.store, cfg)
     return GateResult(decision=decide(champion, challenger, params.policy()), challenger=challenger, champion=champion,
                       metric=params.metric)
 

@@ -233,6 +233,7 @@ def version_view(version:DatasetVersion|str, # a version (or its id)
 # %% ../nbs/14_versions.ipynb #26c496dd
 class CreateVersionParams(DatasetParams):
     "`cvops data version`: snapshot a dataset's labelled, readable samples as an immutable version."
+    task: Literal["classification", "detection"] = Field("classification", description="what the version's labels are: image labels or boxes")
 
 class ListVersionsParams(DatasetParams):
     "`cvops data versions`: list the versions of a dataset, oldest first, each verified."
