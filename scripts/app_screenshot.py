@@ -5,6 +5,7 @@ drifted traffic (the demo's drift), `cvops data ingest --format captures`, `cvop
 each capture with its window's drift), and the App (`cvops data app`) photographed by headless Chromium.
 
     .venv/bin/python scripts/app_screenshot.py [OUT.png [PROJECT DATASET]]   # ≈ 8 min on 2 cores
+    .venv/bin/python scripts/app_screenshot.py OUT.png --detection [PROJECT]  # a detector's mistakes (detection tutorial)
 
 It writes OUT.png (the grid) and OUT-sample.png (one sample opened); the docs carry them as attachments of the
 markdown cell that shows them in nbs/48_monitor.ipynb. With PROJECT and DATASET it only photographs a project made
@@ -91,7 +92,7 @@ def photograph(root: Path, dataset: str, out: Path):
         app.terminate(); app.wait(60)
 
 
-def shoot(url: str, out: Path):
+def shoot(url: str, out: Path, fields=("drift_flag", "drift_p_embedding")):
     "The grid of the saved view with priority and drift shown on each tile, then the top sample opened with its fields."
     from playwright.sync_api import sync_playwright
     with sync_playwright() as p:
@@ -101,7 +102,7 @@ def shoot(url: str, out: Path):
         page.wait_for_timeout(8000)
         dismiss = page.get_by_text("Dismiss", exact=True)
         if dismiss.count(): dismiss.first.click()  # FiftyOne's Enterprise advertisement
-        for field in ("drift_flag", "drift_p_embedding"):  # tick: each tile shows the value
+        for field in fields:  # ticked: each tile shows the value
             name = page.get_by_text(field, exact=True).first
             name.scroll_into_view_if_needed()
             box = name.bounding_box()
@@ -118,7 +119,43 @@ def shoot(url: str, out: Path):
     print(f"wrote {out}")
 
 
+def detection(out: Path, root: Path|None = None):
+    "A detector trained by `cvops run -p task=detection` (or the one in `root`): its confident mistakes in the App."
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if root is None:
+        root = Path(tempfile.mkdtemp(prefix="cvops-appshot-det-")) / "proj"
+        root.mkdir()
+        (root / "cvops.yaml").write_text(yaml.safe_dump({
+            "image_size": 96, "params": {"ingest": {"synth_n": 400}, "train": {"epochs": 10, "batch_size": 16, "lr": 3e-3}}}))
+        cli("run", "-p", "task=detection", "--stages", "ingest:evaluate", cwd=root)
+    os.chdir(root)
+    from cvops.config import load_config
+    from cvops.db import fiftyone_db, open_dataset
+    from cvops.evaluate import eval_key
+    from cvops.train import load_run
+    cfg = load_config(root)
+    fo, ds, key = fiftyone_db(cfg), open_dataset(None, cfg), eval_key(load_run("latest").id)
+    F = fo.ViewField
+    # what a 0.3 score threshold would serve wrongly: false boxes (wrong place or class) and missed objects
+    view = (ds.match(F("split") == "test")
+            .filter_labels("predictions_detections", (F("confidence") >= 0.3) & (F(key) == "fp"), only_matches=False)
+            .filter_labels("ground_truth_detections", F(key) == "fn", only_matches=False)
+            .match((F("predictions_detections.detections").length() > 0) | (F("ground_truth_detections.detections").length() > 0)))
+    name = "detection-mistakes"  # a dataset of its own: the App opens it by URL (a saved view's URL was not applied)
+    if fo.dataset_exists(name): fo.delete_dataset(name)
+    view.clone(name, persistent=True)
+    print(f"{len(view)} test images with a confident false box or a missed object")
+    port = free_port()
+    app = subprocess.Popen(CVOPS + ["data", "app", "--dataset", name, "--port", str(port)], cwd=root, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/")
+        shoot(f"http://127.0.0.1:{port}/datasets/{name}", out, fields=())
+    finally:
+        app.terminate(); app.wait(60)
+
+
 if __name__ == "__main__":
     target = Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else ROOT / "_proc" / "screenshots" / "app-captures.png"
-    if len(sys.argv) > 3: photograph(Path(sys.argv[2]), sys.argv[3], target)  # again, on a project made before: OUT ROOT DATASET
+    if len(sys.argv) > 2 and sys.argv[2] == "--detection": detection(target, Path(sys.argv[3]) if len(sys.argv) > 3 else None)
+    elif len(sys.argv) > 3: photograph(Path(sys.argv[2]), sys.argv[3], target)  # again, on a project made before: OUT ROOT DATASET
     else: main(target)
