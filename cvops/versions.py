@@ -62,6 +62,8 @@ def version_hash(dataset:str, classes:list[str], samples:list[dict],
                  task:str="classification", # a detection version's task (and its samples' boxes) enter the hash
                 ) -> str:
     "sha256 of the canonical JSON of a version's content (contract A); classification versions hash as before tasks."
+    # a sample without boxes hashes as before tasks, whether or not its dict spells `detections: None` (model_dump does)
+    samples = [{k: v for k, v in s.items() if not (k == "detections" and v is None)} for s in samples]
     doc = {"dataset": dataset, "classes": classes, "samples": samples}
     if task != "classification": doc["task"] = task
     return sha256_bytes(json.dumps(doc, sort_keys=True, separators=(",", ":")).encode())
