@@ -157,7 +157,7 @@ def test_captures_keep_the_boxes(gw, det, tmp_path):
     assert caps and answer["detections"], (sides[:2], answer)
     # ingested, the capture's boxes become its pre-labels (`capture_detections`), not a classification labelled None
     proj = tmp_path / "proj"; proj.mkdir()
-    r = run_cli("data", "ingest", gw.store / "captures", "--format", "captures", cwd=proj)
+    r = run_cli("data", "ingest", gw.store / "captures" / "det", "--format", "captures", cwd=proj)  # the detector's only
     assert r.returncode == 0, r.stdout + r.stderr
     read = ("import json; from cvops.db import open_dataset; ds = open_dataset(); print(json.dumps([[s.capture_prediction is None, "
             "[(d.label, d.confidence, d.bounding_box) for d in s.capture_detections.detections]] for s in ds]))")
