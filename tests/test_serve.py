@@ -660,8 +660,10 @@ def test_workers_kill_9_one_under_load_then_reload_reaches_all(assets, tmp_path)
         for t in threads: t.start()
         try:
             _wait_for(lambda: tally["ok"] >= 40, 20, "40 answers before the kill")
-            victim = min(before)
-            folder = Path(psutil.Process(victim).environ()["PROMETHEUS_MULTIPROC_DIR"])
+            folder = Path(psutil.Process(min(before)).environ()["PROMETHEUS_MULTIPROC_DIR"])
+            # a worker that has answered (under load the kernel may hand one worker every connection): its counts
+            # must outlive it
+            victim = min((p for p in before if (folder / f"counter_{p}.db").exists()), default=min(before))
             psutil.Process(victim).kill()  # SIGKILL: no shutdown, requests in flight are cut
             with lock: at_kill = dict(tally)
             replaced = set()
