@@ -34,7 +34,8 @@ dev = serve + data + train + label + s3 + argo + pipeline + ["nbdev==2.4.14", "f
                               "ipykernel>=6", "papermill>=2.6", "nbconvert>=7", "pytest>=8", "pytest-timeout>=2.3",
                               "schemathesis>=3.30", "mkdocs>=1.6", "mkdocs-material>=9.5", "mkdocs-jupyter>=0.25",
                               # real peers and servers for tests and benchmarks (SPEC §8)
-                              "playwright>=1.45", "moto[server]>=5.2", "litserve==0.2.19", "build>=1.2"]
+                              "playwright>=1.45", "moto[server]>=5.2", "litserve==0.2.19", "build>=1.2",
+                              "psutil>=5.9"]  # the multi-process gateway test finds and kills workers
 
 setup(
     name=meta["lib_name"],
