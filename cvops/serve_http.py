@@ -63,6 +63,8 @@ async def _multipart_files(request:Request, body:bytes, max_files:int) -> list[t
         yield body
     try: form = await MultiPartParser(request.headers, stream(), max_files=max_files, max_fields=max_files).parse()
     except MultiPartException as e: raise RequestError(400, f"malformed multipart body: {e.message}") from None
+    except ValueError as e:  # python-multipart's own parse errors (e.g. bytes before the first boundary) get past Starlette
+        raise RequestError(400, f"malformed multipart body: {e}") from None
     files = []
     try:
         for field, value in form.multi_items():
