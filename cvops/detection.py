@@ -18,6 +18,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from .errors import CvopsError, NotFoundError
 from .loader import build_cache, normalize_batch
+from .tasks import TASKS, VersionDataModule, load_weights, optimizers  # cvops.tasks imports this module last
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 
 # %% auto #0
@@ -188,8 +189,6 @@ class DetectionImages(torch.utils.data.Dataset):
     def __getitems__(self, idx:list[int]):
         return torch.from_numpy(self.cache.read(idx)), [self.targets[i] for i in idx]
 
-def _as_batch(batch): return batch  # `__getitems__` already returns the stacked batch
-
 def detection_split(version, split:str, store, spec:PreprocessSpec, cache_dir, classes:list[str]|None=None,
                     limit:int|None=None) -> DetectionImages:
     "A split of a detection version over its uint8 cache (built on first use); unknown labels fail first."
@@ -202,42 +201,13 @@ def detection_split(version, split:str, store, spec:PreprocessSpec, cache_dir, c
     targets = [to_targets(s.detections or [], classes, spec.size) for s in samples]
     return DetectionImages(build_cache(version, split, store, spec, cache_dir, limit), targets)
 
-class DetectionDataModule(L.LightningDataModule):
+class DetectionDataModule(VersionDataModule):
     "Batches of a detection version: uint8 pixels from its image cache, boxes from the version."
-    def __init__(self, version, store, spec:PreprocessSpec, batch_size:int=16, seed:int=0, num_workers:int=0,
-                 train_split:str="train", val_split:str="val", limit:int|None=None,
-                 cache_dir:str|Path|None=None, # the image cache folder (default: `<home>/cache/images` of the project)
-                 pin_memory:bool=False):
-        super().__init__()
-        self.version, self.store, self.spec = version, store, spec
-        self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
-        self.train_split, self.val_split, self.limit = train_split, val_split, limit
-        self.cache_dir, self.pin_memory = cache_dir, pin_memory
-        self.classes = list(version.classes)
-        self.data: dict[str, DetectionImages] = {}
+    def __init__(self, *args, batch_size:int=16, **kwargs): super().__init__(*args, batch_size=batch_size, **kwargs)
 
-    def setup(self, stage:str|None=None):
-        "Open the train and validation splits over their caches (decoded the first time)."
-        if self.cache_dir is None:
-            from cvops.config import load_config
-            self.cache_dir = load_config().home_dir / "cache" / "images"
-        for split in (self.train_split, self.val_split):
-            if split in self.data: continue
-            if not self.version.split(split):
-                counts = {k: sum(v.values()) for k, v in (self.version.counts or {}).items()}
-                raise CvopsError(f"dataset version {self.version.id} has no {split!r} images; splits: {counts}")
-            self.data[split] = detection_split(self.version, split, self.store, self.spec, self.cache_dir, self.classes, self.limit)
-
-    def _loader(self, split:str, train:bool):
-        ds = self.data[split]
-        return torch.utils.data.DataLoader(ds, batch_size=self.batch_size, shuffle=train, num_workers=self.num_workers,
-                                           collate_fn=_as_batch, pin_memory=self.pin_memory,
-                                           drop_last=train and len(ds) > self.batch_size,  # no size-1 BatchNorm batch
-                                           generator=torch.Generator().manual_seed(self.seed) if train else None,
-                                           persistent_workers=self.num_workers > 0)
-
-    def train_dataloader(self): return self._loader(self.train_split, True)
-    def val_dataloader(self): return self._loader(self.val_split, False)
+    def open_split(self, split:str) -> DetectionImages:
+        "One split over its cache (decoded the first time), with each image's targets."
+        return detection_split(self.version, split, self.store, self.spec, self.cache_dir, self.classes, self.limit)
 
 # %% ../nbs/24_detection.ipynb #aaca1e04
 class ObjectDetector(L.LightningModule):
@@ -249,9 +219,7 @@ class ObjectDetector(L.LightningModule):
         self.save_hyperparameters()
         self.classes = list(classes)
         self.model = build_detector(detector, len(self.classes) + 1, size)
-        if weights:
-            from cvops.tasks import load_weights  # cvops.tasks imports this module for its TASKS table
-            load_weights(self.model, weights)
+        if weights: load_weights(self.model, weights)
         self._gen = torch.Generator().manual_seed(seed)
         self._val: list[tuple[list, list]] = []
         self.last_val: dict = {}
@@ -286,13 +254,6 @@ class ObjectDetector(L.LightningModule):
         self.last_val = dict(preds=preds, targets=targets, map50=value)
         self.log("val_map50", value, sync_dist=True)
 
-    def configure_optimizers(self):
-        h = self.hparams
-        params = [p for p in self.parameters() if p.requires_grad]
-        if h.optimizer == "sgd": opt = torch.optim.SGD(params, lr=h.lr, momentum=0.9, weight_decay=h.weight_decay, nesterov=True)
-        else: opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
-        if h.scheduler == "none": return opt
-        steps = max(10, int(self.trainer.estimated_stepping_batches))
-        if h.scheduler == "cosine": sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        else: sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=h.lr, total_steps=steps, pct_start=0.25)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_optimizers(self): return optimizers(self)
+
+TASKS["detection"] = (ObjectDetector, DetectionDataModule)

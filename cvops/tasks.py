@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'BACKBONES', 'TASKS', 'register_backbone', 'build_backbone', 'load_weights', 'augment_batch', 'decode_split',
-           'VersionDataModule', 'ImageClassifier']
+           'VersionDataModule', 'ImageClassifier', 'optimizers']
 
 # %% ../nbs/22_tasks.ipynb #38d60f96
 def _torchvision(name:str) -> Callable[[int], nn.Module]:
@@ -132,7 +132,11 @@ class VersionDataModule(L.LightningDataModule):
             if not self.version.split(split):
                 counts = {k: sum(v.values()) for k, v in (self.version.counts or {}).items()}
                 raise CvopsError(f"dataset version {self.version.id} has no {split!r} images; splits: {counts}")
-            self.data[split] = split_dataset(self.version, split, self.store, self.spec, self.cache_dir, self.classes, self.limit)
+            self.data[split] = self.open_split(split)
+
+    def open_split(self, split:str) -> torch.utils.data.Dataset:
+        "One split over its image cache (a task's data module changes what an item holds here)."
+        return split_dataset(self.version, split, self.store, self.spec, self.cache_dir, self.classes, self.limit)
 
     def _loader(self, split:str, train:bool) -> torch.utils.data.DataLoader:
         ds = self.data[split]
@@ -201,19 +205,22 @@ class ImageClassifier(L.LightningModule):
         self.last_val = dict(logits=logits.cpu(), target=y.cpu(), confusion=conf.cpu())
         self.log_dict({"val_loss": loss, "val_accuracy": (pred == y).float().mean()}, sync_dist=False)  # already gathered
 
-    def configure_optimizers(self):
-        h = self.hparams
-        if h.optimizer == "sgd": opt = torch.optim.SGD(self.parameters(), lr=h.lr, momentum=0.9, weight_decay=h.weight_decay, nesterov=True)
-        else: opt = torch.optim.AdamW(self.parameters(), lr=h.lr, weight_decay=h.weight_decay)
-        if h.scheduler == "none": return opt
-        steps = max(10, int(self.trainer.estimated_stepping_batches))  # OneCycle's warm-up phase needs a few steps
-        if h.scheduler == "cosine": sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
-        else: sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=h.lr, total_steps=steps, pct_start=0.25)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+    def configure_optimizers(self): return optimizers(self)
+
+def optimizers(module:L.LightningModule): # hparams optimizer, lr, weight_decay, scheduler
+    "The optimiser and per-step schedule of a task's module (`configure_optimizers` of every task)."
+    h = module.hparams
+    params = [p for p in module.parameters() if p.requires_grad]  # a detector may freeze part of its backbone
+    if h.optimizer == "sgd": opt = torch.optim.SGD(params, lr=h.lr, momentum=0.9, weight_decay=h.weight_decay, nesterov=True)
+    else: opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+    if h.scheduler == "none": return opt
+    steps = max(10, int(module.trainer.estimated_stepping_batches))  # OneCycle's warm-up phase needs a few steps
+    if h.scheduler == "cosine": sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
+    else: sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=h.lr, total_steps=steps, pct_start=0.25)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 # %% ../nbs/22_tasks.ipynb #c5bfe255
-from .detection import DetectionDataModule, ObjectDetector  # imports nothing from here at load time: no cycle
-
 TASKS: dict[str, tuple[type[L.LightningModule], type[L.LightningDataModule]]] = {
-    "classification": (ImageClassifier, VersionDataModule),
-    "detection": (ObjectDetector, DetectionDataModule)}
+    "classification": (ImageClassifier, VersionDataModule)}
+
+import cvops.detection  # noqa: E402  registers "detection" in TASKS (it builds on the classes above)
