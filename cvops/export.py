@@ -9,7 +9,9 @@ import logging
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from pydantic import BaseModel, Field
@@ -25,8 +27,8 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MIN_RECENT', 'Parity', 'ExportParams', 'export_onnx', 'compare', 'check_parity', 'build_reference',
-           'export_bundle', 'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity', 'ExportResult',
-           'parity_images', 'reference_sample', 'recent_traffic', 'export_run']
+           'bundle_workspace', 'export_bundle', 'tensorrt_status', 'build_tensorrt_engine', 'tensorrt_parity',
+           'ExportResult', 'parity_images', 'reference_sample', 'recent_traffic', 'export_run']
 
 # %% ../nbs/30_export.ipynb #0f36bb2e
 class Parity(BaseModel):
@@ -151,6 +153,22 @@ def build_reference(session,                # ONNX Runtime session of the export
 
 
 # %% ../nbs/30_export.ipynb #e57a861b
+@contextmanager
+def bundle_workspace(out_dir:Path,              # the bundle folder to create (must not exist or be empty)
+                     parity_inputs:np.ndarray,  # the parity check's images (there must be some)
+                    ) -> Iterator[Path]:        # a temporary folder beside `out_dir` to build the bundle in
+    "Build a bundle in a temporary folder that becomes `out_dir` whole when the block succeeds, and is removed when it fails."
+    if out_dir.exists() and any(out_dir.iterdir()): raise ParameterError(f"bundle folder {out_dir} is not empty")
+    if len(parity_inputs) == 0: raise ParameterError("the parity check needs at least one validation image")
+    work = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_dir.parent if out_dir.parent.exists() else None))
+    try:
+        yield work
+        if out_dir.exists(): out_dir.rmdir()
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        work.rename(out_dir)  # the bundle appears whole, or not at all
+    finally:
+        if work.exists(): shutil.rmtree(work, ignore_errors=True)
+
 def export_bundle(model,                  # trained torch.nn.Module
                   classes:list[str],      # class names, in output order
                   spec:PreprocessSpec,    # the preprocessing it was trained with
@@ -166,10 +184,7 @@ def export_bundle(model,                  # trained torch.nn.Module
                  ) -> tuple[Path, Parity]:
     "Export, check and verify a model into a bundle folder; on parity failure nothing is left and `ParityError` says by how much."
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()): raise ParameterError(f"bundle folder {out_dir} is not empty")
-    if len(parity_inputs) == 0: raise ParameterError("the parity check needs at least one validation image")
-    work = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with bundle_workspace(out_dir, parity_inputs) as work:
         t0 = time.perf_counter()
         export_onnx(model, work / "model.onnx", spec.size, opset=opset, optimize=optimize)
         seconds = time.perf_counter() - t0
@@ -184,12 +199,7 @@ def export_bundle(model,                  # trained torch.nn.Module
         write_bundle(work, classes, spec, name=name, embedding_dim=emb.shape[-1] if emb else None,
                      reference=reference.model_dump() if reference else None,
                      extra=dict(opset=opset, export_seconds=round(seconds, 3), parity=parity.model_dump(), **(extra or {})))
-        if out_dir.exists(): out_dir.rmdir()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work.rename(out_dir)  # the bundle appears whole, or not at all
-        return out_dir, parity
-    finally:
-        if work.exists(): shutil.rmtree(work, ignore_errors=True)
+    return out_dir, parity
 
 
 # %% ../nbs/30_export.ipynb #6b9c41f8

@@ -5,8 +5,6 @@
 # %% ../nbs/34_export_detection.ipynb #48d75c36
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -136,11 +134,9 @@ def export_detector(detector,                # eval-mode torchvision detector (l
                     **tolerances,            # `compare_detections`' iou_tolerance, score_tolerance, min_score
                    ) -> tuple[Path, DetectionParity]:
     "Export, check and verify a detector into a bundle folder; on parity failure nothing is left and `ParityError` says how."
+    from cvops.export import bundle_workspace  # cvops.export imports this module
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()): raise ParameterError(f"bundle folder {out_dir} is not empty")
-    if len(parity_inputs) == 0: raise ParameterError("the parity check needs at least one validation image")
-    work = Path(tempfile.mkdtemp(prefix=".bundle-", dir=out_dir.parent if out_dir.parent.exists() else None))
-    try:
+    with bundle_workspace(out_dir, parity_inputs) as work:
         t0 = time.perf_counter()
         export_detector_onnx(detector, work / "model.onnx", spec.size, opset=opset)
         seconds = time.perf_counter() - t0
@@ -152,12 +148,7 @@ def export_detector(detector,                # eval-mode torchvision detector (l
         write_bundle(work, classes, spec, name=name, task="detection",
                      extra=dict(opset=opset, export_seconds=round(seconds, 3), detector=detector_name,
                                 form="one image per call, post-processing in the graph", parity=parity.model_dump(), **(extra or {})))
-        if out_dir.exists(): out_dir.rmdir()
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        work.rename(out_dir)  # the bundle appears whole, or not at all
-        return out_dir, parity
-    finally:
-        if work.exists(): shutil.rmtree(work, ignore_errors=True)
+    return out_dir, parity
 
 # %% ../nbs/34_export_detection.ipynb #279214ec
 def export_detection_run(p, cfg, store, run):  # `ExportParams`, project config, store, the detection run's record
