@@ -66,7 +66,8 @@ def data_command(name:str,                    # command name under `cvops data`
 def ingest_command(p:IngestParams):
     "Ingest SRC (image-folder tree, COCO .json, folder + labels .csv, or captured serving inputs) into a dataset."
     from cvops.data import ingest
-    rep = ingest(p.source, p.dataset, fmt=p.format, images=p.images, labels=p.labels, progress=sys.stderr.isatty())
+    rep = ingest(p.source, p.dataset, fmt=p.format, images=p.images, labels=p.labels, progress=sys.stderr.isatty(),
+                 link=p.link)
     click.echo(rep.summary())
     if p.strict and (rep.quarantined or rep.conflicts): sys.exit(1)
 

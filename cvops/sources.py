@@ -36,6 +36,7 @@ class SourceItem:
     label: str|None = None            # class label, if the source gives one
     fields: dict = field(default_factory=dict)  # extra sample fields (detections, capture metadata)
     problem: str|None = None          # a reason to quarantine known before decoding (e.g. a broken sidecar)
+    path: str|None = None             # the file on this machine, for local sources (hard links, worker processes)
 
 def check_label(label, where:str) -> str|None:
     "A usable class name (it becomes a folder name in exports), or None for 'no label'."
@@ -72,6 +73,8 @@ class _Loc:
     def is_file(self) -> bool: return os.path.isfile(self.path) if self.local else self.fs.isfile(self.path)
     def is_dir(self) -> bool: return os.path.isdir(self.path) if self.local else self.fs.isdir(self.path)
     def read_bytes(self) -> bytes: return self.reader()()
+    @property
+    def local_path(self) -> str|None: return self.path if self.local else None
     def reader(self) -> Callable[[], bytes]:
         return Path(self.path).read_bytes if self.local else (lambda fs=self.fs, p=self.path: fs.cat_file(p))
 
@@ -125,7 +128,7 @@ def _folder_items(src:_Loc) -> tuple[list[SourceItem], list[str]]:
     for p in files:
         rel = p.rel(src)
         label = check_label(rel.split("/", 1)[0], f"folder {src}") if "/" in rel else None
-        items.append(SourceItem(rel, p.reader(), label))
+        items.append(SourceItem(rel, p.reader(), label, path=p.local_path))
     return items, hidden
 
 _FILENAME_COLS = ("filename", "file", "file_name", "image", "path", "filepath")
@@ -166,7 +169,7 @@ def _csv_items(src:_Loc, labels:_Loc|None=None) -> tuple[list[SourceItem], list[
         raise ParameterError(f"{labels.name} names {len(missing)} file(s) not in {folder}: {', '.join(missing[:10])}"
                              f"{' …' if len(missing) > 10 else ''}; files there: {', '.join(present[:10]) or '(none)'}"
                              f"{' …' if len(present) > 10 else ''}")
-    items = [SourceItem(p.name, p.reader(), label_of.get(p.key)) for p in files if p not in csvs]
+    items = [SourceItem(p.name, p.reader(), label_of.get(p.key), path=p.local_path) for p in files if p not in csvs]
     return items, hidden + [f"{p.name} (a labels file)" for p in csvs]
 
 # %% ../nbs/13_sources.ipynb #dbf3fa6f
@@ -218,7 +221,7 @@ def _coco_items(src:_Loc, images:_Loc|None=None) -> tuple[list[SourceItem], list
         label = max(area, key=lambda c: (area[c], n[c], -_as_num(cid[c]))) if boxes else None
         size = (im["width"], im["height"]) if im.get("width") and im.get("height") else None
         items.append(SourceItem(paths[iid].rel(base), paths[iid].reader(), label,
-                                {"_boxes": boxes, "_size": size} if boxes else {}))
+                                {"_boxes": boxes, "_size": size} if boxes else {}, path=paths[iid].local_path))
     return items, []
 
 def _str_or_none(x): return None if x is None else str(x)

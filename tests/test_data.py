@@ -182,11 +182,15 @@ def _encoded(side, fmt, seed=0, **save):
     buf = io.BytesIO(); Image.fromarray(a).save(buf, fmt, **save); return buf.getvalue()
 
 
-def test_truncated_corrupt_and_bomb_images_are_quarantined(tmp_path):
-    "The fast check (PNG chunk CRCs, JPEG end marker + 1/8-scale decode) still quarantines every cut, flip and bomb."
+@pytest.mark.parametrize("workers", ["threads", "processes"])
+def test_truncated_corrupt_and_bomb_images_are_quarantined(tmp_path, monkeypatch, workers):
+    """The fast check (PNG chunk CRCs, JPEG end marker + 1/8-scale decode) still quarantines every cut, flip and bomb,
+    in the threads that prepare a few files and in the worker processes that prepare many."""
     import struct
     import zlib
+    import cvops.data
     from cvops.data import ingest
+    if workers == "processes": monkeypatch.setattr(cvops.data, "_PROCESSES_FROM", 0)
     src = tmp_path / "cuts"
     expect = {}
     for fmt, ext in (("PNG", "png"), ("JPEG", "jpg")):
@@ -213,6 +217,28 @@ def test_truncated_corrupt_and_bomb_images_are_quarantined(tmp_path):
     assert set(reasons) == set(expect), sorted(set(reasons) ^ set(expect))
     for p, word in expect.items(): assert word in reasons[p], (p, reasons[p])
     assert rep.added == 6 and rep.seen == 6 + len(expect)
+
+
+def test_link_ingest_shares_the_file_and_an_edit_in_place_is_refused(cfg, tmp_path, monkeypatch):
+    "`link=True`: the media copy is a hard link (no bytes written), worker processes give the same samples, and a source edited in place afterwards is refused by `create_version`, naming the file."
+    import cvops.data
+    from cvops.data import create_version, ingest, media_path, open_dataset
+    src = synth(tmp_path / "linked", 16, seed=21)
+    monkeypatch.setattr(cvops.data, "_PROCESSES_FROM", 0)  # the worker processes' path, as for a large folder
+    ds_name = name()
+    rep = ingest(src, ds_name, progress=False, link=True)
+    assert rep.added == 16 and not rep.quarantined
+    by_sha = {sha256_file(p): p for p in src.rglob("*.png")}
+    ds = open_dataset(ds_name)
+    for sha, path, label in zip(*ds.values(["sha256", "filepath", "ground_truth.label"])):
+        assert Path(path) == media_path(sha, "png", cfg) and os.path.samefile(path, by_sha[sha])  # one file, two names
+        assert label == by_sha[sha].parent.name
+    copied = ingest(src, name(), progress=False)  # the default copies: same bytes, another file
+    some = next(iter(by_sha))
+    assert copied.added == 16 and os.path.samefile(media_path(some, "png", cfg), by_sha[some])  # already there: kept
+    edited = by_sha[some]
+    with open(edited, "r+b") as f: f.seek(40); f.write(b"\x00\x01\x02")  # an edit in place reaches the linked copy
+    with pytest.raises(IntegrityError, match="changed since ingest"): create_version(ds_name)
 
 
 def test_verify_image_sizes_match_a_full_decode():
