@@ -43,7 +43,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
-from serve_helpers import Gateway, draft_agreement, encode, free_port, large_photos, make_bundle, make_images  # noqa: E402
+from serve_helpers import (Gateway, draft_agreement, encode, free_port, large_photos, make_bundle, make_images,  # noqa: E402
+                           train_photo_classifier)
 
 TARGETS = {"overhead_ms": 1.0, "throughput_ratio": 1.3, "triton_ratio": 1.5, "rss_mb": 250.0,
            # issue 14, against peers
@@ -406,8 +407,8 @@ def triton_direct_figures(bundle: Path, tmp: Path, jpegs: list[bytes], n: int) -
 
 
 def draft_figures(tmp: Path, pngs, n: int) -> dict:
-    "Top-1 agreement of reduced-scale with full JPEG decoding on held-out large photos (a resnet18: its logits respond to the input)."
-    rn = make_bundle(tmp / "resnet", pngs, backbone="resnet18")
+    "Top-1 agreement of reduced-scale with full JPEG decoding on held-out large photos (a resnet18 trained on other photos)."
+    rn = train_photo_classifier(tmp / "resnet")
     return draft_agreement(rn, large_photos(n, size=(1024, 768), seed=11))
 
 

@@ -144,3 +144,26 @@ def draft_agreement(bundle: Path, photos: list[bytes]) -> dict:
             "top2_gap_median": float(np.median(top2[:, 1] - top2[:, 0])),
             "pixel_mean_abs_diff": float(diff.mean()), "pixel_max_abs_diff": int(diff.max()),
             "logit_max_abs_diff": float(np.abs(zr - zf).max())}
+
+
+def train_photo_classifier(out: Path, n: int = 240, epochs: int = 8, size: int = 64, seed: int = 5) -> Path:
+    """A resnet18 trained on `n` large photos (`large_photos`, their own seed; the class is the shape drawn) through the
+    shared decode path, exported as a bundle. An untrained network decides many photos on near-ties, which any change
+    of a pixel flips: agreement figures need a model whose decisions mean something."""
+    import torch, torchvision
+    from cvops.export import export_bundle
+    from cvops.preprocess import PreprocessSpec, decode_resized, normalize
+    spec = PreprocessSpec(size=size)
+    photos = large_photos(n, size=(1024, 768), seed=seed)
+    x = torch.from_numpy(np.stack([normalize(decode_resized(d, spec), spec) for d in photos]))
+    y = torch.arange(n) % 4  # large_photos draws shape i % 4: circle, square, star, triangle
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4)
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(n).split(32):
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx]); opt.zero_grad(); loss.backward(); opt.step()
+    out, _ = export_bundle(model.eval(), ["circle", "square", "star", "triangle"], spec, out, x[:16].numpy(),
+                           tolerance=1e-3, name="photos")
+    return out

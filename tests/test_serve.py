@@ -25,7 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).parent))
 from serve_helpers import (BIN, Gateway, draft_agreement, encode, free_port, large_photos, make_bundle, make_images,  # noqa: E402
-                           reference_topk)
+                           reference_topk, train_photo_classifier)
 
 KEY = "test-key-0123456789"
 
@@ -583,16 +583,17 @@ def test_tritonclient_http_against_the_gateway(gw, assets):
 
 # -- reduced-scale decoding of large photos -------------------------------------------------------------
 
-def test_reduced_scale_decoding_agrees_with_full_decoding(assets, tmp_path):
+def test_reduced_scale_decoding_agrees_with_full_decoding(tmp_path):
     photos = large_photos(200, size=(1024, 768), seed=11)  # held out: own seed, never seen by the model
-    rn = make_bundle(tmp_path / "resnet", assets["images"], backbone="resnet18")  # responsive logits at random init
+    rn = train_photo_classifier(tmp_path / "resnet")  # a resnet18 trained on other photos through the shared decode
     rep = draft_agreement(rn, photos)
     print(f"reduced-scale vs full JPEG decoding on {rep['n']} held-out 1024x768 photos: top-1 agreement {rep['agreement']:.1%}, "
           f"pixels differ by {rep['pixel_mean_abs_diff']:.3f} on average (max {rep['pixel_max_abs_diff']}), logits by at most {rep['logit_max_abs_diff']:.2e}; "
           f"{rep['flipped']} flipped, all with a top-2 gap under {rep['flipped_top2_gap_max']:.2e} (median gap {rep['top2_gap_median']:.2e})")
-    # an untrained network decides many photos on near-ties: a flip is allowed only where the top-2 gap is within
-    # twice the logit change the decoding itself causes (measured here: 99.0 % agreement, the issue's target is 99.5 %)
-    assert rep["agreement"] >= 0.98, rep
+    # the issue's target is 99.5 %; measured here 99.5 % (1 flip, top-2 gap 0.0045; an untrained resnet18: 99.0 %). The
+    # model generalises poorly (≈ 30 % held-out accuracy), so some held-out photos sit on near-ties that any change of a
+    # pixel flips: the test allows 1 % and requires every flip to be a near-tie, so that it cannot fail on float noise
+    assert rep["agreement"] >= 0.99, rep
     assert rep["flipped_top2_gap_max"] <= 2 * rep["logit_max_abs_diff"], rep
     assert 0 < rep["pixel_mean_abs_diff"] < 2, rep  # the reduced path really ran, and stayed close
 
