@@ -16,7 +16,7 @@ from .config import Params, parse_assignments, set_process_defaults, validate_pa
 from .errors import CvopsError
 
 # %% auto #0
-__all__ = ['COMMAND_MODULES', 'params_command', 'cli', 'data', 'data_synth', 'load_commands', 'main']
+__all__ = ['COMMAND_MODULES', 'params_command', 'cli', 'data', 'data_synth', 'data_synth_detection', 'load_commands', 'main']
 
 # %% ../nbs/90_cli.ipynb #5fb042ca
 def _lazy_schema(schema:type[Params]|str) -> type[Params]:
@@ -75,7 +75,7 @@ def cli():
 def data():
     "Data sets: synthesise, ingest, version, curate, review."
 
-from .synth import SynthParams
+from .synth import DetectionSynthParams, SynthParams
 
 @params_command(data, "synth", SynthParams)
 def data_synth(p:SynthParams):
@@ -83,6 +83,14 @@ def data_synth(p:SynthParams):
     from cvops.synth import generate
     counts = generate(p, progress=sys.stderr.isatty())
     click.echo(f"wrote {sum(counts.values())} images to {p.out}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+@params_command(data, "synth-detection", DetectionSynthParams)
+def data_synth_detection(p:DetectionSynthParams):
+    "Write a synthetic detection set: several shapes per image, each with its box (images/ + COCO annotations.json)."
+    from cvops.synth import generate_detection
+    counts = generate_detection(p, progress=sys.stderr.isatty())
+    click.echo(f"wrote {p.n} images with {sum(counts.values())} objects to {p.out} (COCO: {p.out / 'annotations.json'}): "
+               + ", ".join(f"{k} {v}" for k, v in counts.items()))
 
 # %% ../nbs/90_cli.ipynb #5a6a4367
 COMMAND_MODULES = ("cvops.cli_data", "cvops.cli_train", "cvops.cli_models", "cvops.cli_serve", "cvops.cli_run",

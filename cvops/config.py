@@ -99,7 +99,9 @@ def _from_text(text:str, annotation):
     return text  # pydantic coerces '3' → 3 and refuses '2.5' for an int
 
 def _describe_error(err:dict, fields, raw:dict, source:str) -> str:
-    loc = err.get("loc") or ("?",)
+    if not err.get("loc"):  # a check across fields (a model validator): its own message names them
+        return err["msg"].removeprefix("Value error, ")
+    loc = err["loc"]
     name = str(loc[0])
     given = raw.get(name, err.get("input"))
     flag = f"--{name.replace('_', '-')}=" if source == "--" else f"{source} {name}="

@@ -1,6 +1,7 @@
 """The foundation: CLI exit codes and messages, synthetic data determinism, store atomicity and verification,
 and the notebook/library sync check of the test command."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -58,6 +59,20 @@ def test_synth_bad_arguments_exit_2_with_one_line(cli, tmp_path, args, needle):
     assert r.returncode == 2, r
     assert needle in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+
+
+def test_synth_detection_writes_coco_and_checks_its_knobs(cli, tmp_path):
+    "`cvops data synth-detection`: images/ + COCO annotations.json, deterministic per seed; a knob pair that cannot hold is one line."
+    a, b = tmp_path / "a", tmp_path / "b"
+    for out in (a, b):
+        r = cli("data", "synth-detection", "--out", out, "--n", 12, "--seed", 3)
+        assert r.returncode == 0 and "wrote 12 images with" in r.stdout, r.stderr
+    coco = json.loads((a / "annotations.json").read_text())
+    assert len(coco["images"]) == 12 and len(list((a / "images").iterdir())) == 12
+    assert 12 <= len(coco["annotations"]) <= 48 and {c["name"] for c in coco["categories"]} == {"circle", "square", "star", "triangle"}
+    assert tree_digest(a) == tree_digest(b)
+    r = cli("data", "synth-detection", "--out", tmp_path / "c", "--objects-min", 5, "--objects-max", 2)
+    assert r.returncode == 2 and r.stderr.strip() == "error: objects_min (5) must not exceed objects_max (2)", r.stderr
 
 
 def test_unwritable_out_under_a_file(cli, tmp_path):
