@@ -125,13 +125,12 @@ def normalize(pixels:np.ndarray,   # uint8 (size, size, 3) or (N, size, size, 3)
               spec:PreprocessSpec, # the mean and std
              ) -> np.ndarray:      # float32 (3, size, size) or (N, 3, size, size)
     "Scale uint8 pixels to [0, 1], normalise and move channels first: the model's input."
-    std = np.asarray(spec.std, np.float32)
-    scale, shift = np.float32(1 / 255) / std, np.asarray(spec.mean, np.float32) / std  # (p/255 − mean)/std = p·scale − shift
+    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
     planes = np.moveaxis(pixels, -1, -3)  # a view: channels first
     out = np.empty(planes.shape, np.float32)
-    for c in range(3):  # one multiply-subtract per channel plane, written in place: 3–6× faster than whole-array steps
-        o = out[..., c, :, :]
-        np.multiply(planes[..., c, :, :], scale[c], out=o, dtype=np.float32); o -= shift[c]
+    for c in range(3):  # per channel plane, in place: 3–5× faster than whole-array steps, and the same float32 steps
+        o = out[..., c, :, :]  # in the same order, so bit for bit what `loader.normalize_batch` gives on the device
+        np.multiply(planes[..., c, :, :], np.float32(1 / 255), out=o, dtype=np.float32); o -= mean[c]; o /= std[c]
     return out
 
 def to_input(img:Image.Image,    # an RGB image (see `load_image`)
