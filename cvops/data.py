@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 import warnings
 from collections import Counter
@@ -181,7 +182,7 @@ def _prepare(item:SourceItem, known:Container[str], media_root:str, link:bool) -
     _store_media(_media_file(media_root, sha, ext), data, item.path if link else None)  # quarantined bytes are kept too
     return sha, problem, ext, size
 
-def _store_media(path:str, data:bytes, link_from:str|None=None):
+def _store_media(path:str, data:bytes, link_from:str|None=None, _first:bool=True):
     """Keep the media copy of an image once: a hard link to `link_from` where the file system allows it (no bytes
     written: ≈ 40× faster than creating a file here), else the bytes written. No temp-and-rename on the way in (it
     doubled the cost of a file): a copy cut short by a crash has the wrong size and is replaced by the next ingest (its
@@ -190,12 +191,13 @@ def _store_media(path:str, data:bytes, link_from:str|None=None):
         if link_from:
             try: return os.link(link_from, path)
             except FileExistsError: raise
-            except OSError as e:  # another file system (EXDEV), no hard links there, or the source gone: write
-                if isinstance(e, FileNotFoundError) and not os.path.isdir(os.path.dirname(path)): raise  # no folder yet
+            except FileNotFoundError:
+                if _first: raise  # most likely no folder yet: made below, then tried again; later, the source is gone
+            except OSError: pass  # another file system (EXDEV) or no hard links there: write the bytes instead
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    except FileNotFoundError:  # the first image of its `sha[:2]` folder
-        if os.path.isdir(os.path.dirname(path)): raise
-        os.makedirs(os.path.dirname(path), exist_ok=True); return _store_media(path, data, link_from)
+    except FileNotFoundError:  # the first image of its `sha[:2]` folder (another thread may be making it too)
+        if not _first: raise
+        os.makedirs(os.path.dirname(path), exist_ok=True); return _store_media(path, data, link_from, _first=False)
     except FileExistsError:
         if os.stat(path).st_size == len(data): return
         # replace, never rewrite in place: the old file may be a hard link to a user's file
@@ -219,11 +221,11 @@ def _prepared(items:list[SourceItem], known:dict, media_root:str, link:bool, chu
     reading, hashing and checking are mostly Python, so threads share one core through the GIL (measured: 4 threads ran
     slower than one). Forked, not spawned: a spawned worker re-imports the caller's main module, which breaks scripts
     without a `__main__` guard; the workers touch no database connection, as FiftyOne's own worker pools fork.
-    Remote or few files, or a system without fork, are prepared in threads, which overlap their I/O."""
+    Remote or few files, and systems other than Linux (macOS: fork is unsafe there), are prepared in threads, which
+    overlap their I/O."""
     import multiprocessing
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if (cores > 1 and len(items) >= _PROCESSES_FROM and "fork" in multiprocessing.get_all_start_methods()
-            and all(it.path for it in items)):
+    if cores > 1 and len(items) >= _PROCESSES_FROM and sys.platform.startswith("linux") and all(it.path for it in items):
         from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"),
                                    initializer=_start_worker, initargs=(frozenset(known), media_root, link))

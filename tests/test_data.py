@@ -241,6 +241,20 @@ def test_link_ingest_shares_the_file_and_an_edit_in_place_is_refused(cfg, tmp_pa
     with pytest.raises(IntegrityError, match="changed since ingest"): create_version(ds_name)
 
 
+def test_media_copy_into_a_folder_another_thread_makes_meanwhile(tmp_path, monkeypatch):
+    "The first image of a `sha[:2]` folder: the folder is missing when the file is opened, and made by another ingest thread before the retry (the race a full run hit)."
+    from cvops.data import _store_media
+    real_open, raced = os.open, []
+    def open_racing(path, flags, mode=0o777):
+        if not raced:  # as if another thread made the folder just after this open failed
+            raced.append(path); os.makedirs(os.path.dirname(path)); raise FileNotFoundError(2, "No such file or directory", path)
+        return real_open(path, flags, mode)
+    monkeypatch.setattr(os, "open", open_racing)
+    path = tmp_path / "media" / "ab" / "ab01.png"
+    _store_media(str(path), b"bytes")
+    assert raced and path.read_bytes() == b"bytes"
+
+
 def test_verify_image_sizes_match_a_full_decode():
     "The upright size the fast check reports is the one a full decode gives (EXIF rotation included)."
     from cvops.preprocess import load_image, verify_image
