@@ -184,7 +184,7 @@ def _prepare(item:SourceItem, known:Container[str], media_root:str, link:bool) -
 
 def _store_media(path:str, data:bytes, link_from:str|None=None, _first:bool=True):
     """Keep the media copy of an image once: a hard link to `link_from` where the file system allows it (no bytes
-    written: ≈ 40× faster than creating a file here), else the bytes written. No temp-and-rename on the way in (it
+    written, no second copy on disk), else the bytes written. No temp-and-rename on the way in (it
     doubled the cost of a file): a copy cut short by a crash has the wrong size and is replaced by the next ingest (its
     sample is only inserted after the write), and `create_version` re-hashes every copy it stores."""
     try:
@@ -372,5 +372,5 @@ class IngestParams(DatasetParams):
     labels: str|None = Field(None, description="CSV: the labels file (default: the one .csv in SRC)")
     strict: bool = Field(False, description="exit with code 1 if any file was quarantined or had a label conflict")
     link: bool = Field(False, description="hard-link local files into the project's media folder instead of copying "
-                       "them: several times faster and no second copy on disk, but change those files only by replacing "
-                       "them (an edit in place would change the ingested image too; `data version` refuses it then)")
+                       "them: no second copy on disk, but change those files only by replacing them (an edit in place "
+                       "would change the ingested image too; `data version` refuses it then)")
