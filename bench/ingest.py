@@ -120,7 +120,8 @@ def main():
     assert rep_l.added == args.n, rep_l.summary()
     link_rate = args.n / link_s
     ingest_rate = args.n / ingest_s
-    ratio = ingest_rate / walk_rate
+    ratio, link_ratio = ingest_rate / walk_rate, link_rate / walk_rate
+    best = max(ratio, link_ratio)
     res = {
         "n": args.n, "size": args.size,
         "walk_hash": {"files_per_s": round(walk_rate, 1), "seconds": round(walk_s, 3)},
@@ -135,8 +136,8 @@ def main():
         "db_start_seconds": round(db_start, 2),
         "ratio_ingest_vs_walk_hash": round(ratio, 3), "ratio_ingest_vs_walk_hash_decode": round(ingest_rate / decode_rate, 3),
         "ratio_ingest_vs_walk_hash_verify_copy": round(ingest_rate / copy_rate, 3),
-        "ratio_ingest_link_vs_walk_hash": round(link_rate / walk_rate, 3),
-        "target_ratio": TARGET, "meets_target": max(ratio, link_rate / walk_rate) >= TARGET,
+        "ratio_ingest_link_vs_walk_hash": round(link_ratio, 3),
+        "target_ratio": TARGET, "meets_target": best >= TARGET,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
     print(f"ingest benchmark: {args.n} synthetic {args.size}px PNGs, bundled MongoDB (started in {db_start:.1f} s)")
@@ -150,8 +151,7 @@ def main():
     print(f"{'cvops ingest --link (hard links)':<40}{link_rate:>10.0f} /s{link_s:>10.2f}")
     print(f"{'re-ingest (all already present)':<40}{args.n / reingest_s:>10.0f} /s{reingest_s:>10.2f}")
     print(f"{'create_version (blobs + manifest)':<40}{'':>14}{version_s:>10.2f}")
-    best = max(ratio, link_rate / walk_rate)
-    print(f"ingest ÷ walk+hash: {ratio:.3f}x (copies), {link_rate / walk_rate:.3f}x (--link)   target ≥ {TARGET}x   "
+    print(f"ingest ÷ walk+hash: {ratio:.3f}x (copies), {link_ratio:.3f}x (--link)   target ≥ {TARGET}x   "
           f"{'MET' if best >= TARGET else 'NOT MET'}")
     print(f"ingest ÷ walk+hash+decode: {ingest_rate / decode_rate:.3f}x   "
           f"ingest ÷ walk+hash+verify+copy (all but FiftyOne): {ingest_rate / copy_rate:.3f}x")

@@ -406,7 +406,7 @@ def triton_direct_figures(bundle: Path, tmp: Path, jpegs: list[bytes], n: int) -
     return out
 
 
-def draft_figures(tmp: Path, pngs, n: int) -> dict:
+def draft_figures(tmp: Path, n: int) -> dict:
     "Top-1 agreement of reduced-scale with full JPEG decoding on held-out large photos (a resnet18 trained on other photos)."
     rn = train_photo_classifier(tmp / "resnet")
     return draft_agreement(rn, large_photos(n, size=(1024, 768), seed=11))
@@ -415,12 +415,12 @@ def draft_figures(tmp: Path, pngs, n: int) -> dict:
 WORKERS = "cvops gateway, workers = cores"
 
 
-def peers_main(a, tmp, bundle, pngs, jpegs, res):
+def peers_main(a, tmp, bundle, jpegs, res):
     print(f"peers (hey), {a.peer_runs} runs, medians:", flush=True)
     res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests, a.peer_runs)
     if not a.no_triton:
         res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
-    if not a.no_draft: res["draft"] = draft_figures(tmp, pngs, a.draft_photos)
+    if not a.no_draft: res["draft"] = draft_figures(tmp, a.draft_photos)
     S, rows = res["peers"]["servers"], []
     get = lambda s, k, f: S.get(s, {}).get(k, {}).get(f)
     cv, nv, ls_ = "cvops gateway", "naive FastAPI + ORT", "LitServe batched"
@@ -502,7 +502,7 @@ def main():
         res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
         return _write(res, a.out)
     if a.only_peers:
-        peers_main(a, tmp, bundle, pngs, jpegs, res)
+        peers_main(a, tmp, bundle, jpegs, res)
         return _write(res, a.out)
     if a.only_detection:
         a.out = a.out.replace("serve.json", "serve_detection.json")  # the full run's figures stay where they are
@@ -595,7 +595,7 @@ def main():
     print("\n{:<66} {:>9}  {:<28}".format("measure (SPEC §7)", "measured", "target"))
     for name, val, target, ok in rows:
         print(f"{name:<66} {val:>9}  {target:<28}{'' if ok is None else ('  ok' if ok else '  MISSED')}")
-    if not a.no_peers: peers_main(a, tmp, bundle, pngs, jpegs, res)
+    if not a.no_peers: peers_main(a, tmp, bundle, jpegs, res)
     if not a.no_detection:
         print("detection beside classification (hey):", flush=True)
         res["detection"] = detection_figures(tmp, a.detection_requests)

@@ -25,7 +25,7 @@ from .errors import CvopsError, ImageError
 from .preprocess import sniff_format, verify_image
 from .store import project_store, sha256_bytes
 from .db import (DEFAULT_FRACTIONS, DatasetParams, SPLITS, _DB, check_dataset_name, check_fractions, close_db, declare_sample_fields,
-                      fiftyone_db, fiftyone_dir, list_datasets, media_path, open_dataset, split_for)
+                      fiftyone_db, fiftyone_dir, list_datasets, media_file, media_path, media_root, open_dataset, split_for)
 from .sources import FORMATS, SourceItem, check_label, detect_format, read_source
 from .versions import (DatasetVersion, VersionSample, create_version, export_version, list_versions, load_version,
                             verify_version, version_hash, version_ids, version_view, versioned_datasets)
@@ -133,11 +133,11 @@ def _ingest(src, name, fmt, items, skipped, cfg, progress, batch_size, link) -> 
     declare_sample_fields(ds, fo)
     rep = IngestReport(dataset=name, source=str(src), format=fmt, seen=len(items), skipped=skipped)
     ledger = _Ledger(rep, *_known_samples(ds))
-    media_root = str(cfg.home_dir.resolve() / "media")
+    root = media_root(cfg)
     writer = _SampleWriter(ds, fo, str(src) if "://" in str(src) else str(Path(src).resolve()),
-                           check_fractions(ds.info.get("split_fractions", DEFAULT_FRACTIONS)), media_root, batch_size)
+                           check_fractions(ds.info.get("split_fractions", DEFAULT_FRACTIONS)), root, batch_size)
     bar = tqdm(total=len(items), desc=f"ingest {name}", unit="file", disable=not progress, leave=False)
-    with closing(_prepared(items, ledger.existing, media_root, link, batch_size, bar)) as prepared:
+    with closing(_prepared(items, ledger.existing, root, link, batch_size, bar)) as prepared:
         for item, (sha, problem, ext, size) in prepared:
             if ledger.is_new(item, sha, problem): writer.add(item, sha, problem, ext, size)
     writer.flush()
@@ -160,11 +160,7 @@ _THREADS = min(4, os.cpu_count() or 1)  # threads preparing files (remote or few
 _PROCESSES_FROM = 500  # local files from which worker processes prepare them
 _EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # sniff_format's names → media file extensions
 
-def _media_file(root:str, sha:str, ext:str) -> str:
-    "`<root>/<sha[:2]>/<sha>.<ext>` (`db.media_path` for one project): plain strings, as pathlib's cost shows per file."
-    return f"{root}/{sha[:2]}/{sha}.{ext}"
-
-def _prepare(item:SourceItem, known:Container[str], media_root:str, link:bool) -> tuple[str|None, str|None, str, tuple|None]:
+def _prepare(item:SourceItem, known:Container[str], root:str, link:bool) -> tuple[str|None, str|None, str, tuple|None]:
     "Read, hash, check and store the media copy of one file: (sha256 or None if unreadable, problem, ext, size)."
     try: data = item.read()
     except OSError as e: return None, f"unreadable file: {e.strerror or e}", "", None
@@ -179,7 +175,7 @@ def _prepare(item:SourceItem, known:Container[str], media_root:str, link:bool) -
         try: size = verify_image(data)  # truncation and corruption caught without decoding every pixel
         except ImageError as e: problem = str(e)
         else: ext = _EXT.get(sniff_format(data), ext)
-    _store_media(_media_file(media_root, sha, ext), data, item.path if link else None)  # quarantined bytes are kept too
+    _store_media(media_file(root, sha, ext), data, item.path if link else None)  # quarantined bytes are kept too
     return sha, problem, ext, size
 
 def _store_media(path:str, data:bytes, link_from:str|None=None, _first:bool=True):
@@ -206,17 +202,17 @@ def _store_media(path:str, data:bytes, link_from:str|None=None, _first:bool=True
         return os.replace(tmp, path)
     with os.fdopen(fd, "wb") as f: f.write(data)
 
-_worker: dict = {}  # a worker process's share of the ingest: known sha256s, media root, link or copy
+_worker: dict = {}  # a worker process's share of the ingest: known sha256s, the media folder, link or copy
 
-def _start_worker(known:frozenset, media_root:str, link:bool): _worker.update(known=known, media_root=media_root, link=link)
+def _start_worker(known:frozenset, root:str, link:bool): _worker.update(known=known, root=root, link=link)
 
 def _prepare_local(job:tuple[str, str, str|None, str|None]) -> tuple:
     "`_prepare` in a worker process, for a local file sent as (path, name, problem, expected sha256)."
     path, name, problem, exp = job
     item = SourceItem(name, Path(path).read_bytes, problem=problem, fields={"_expected_sha": exp} if exp else {}, path=path)
-    return _prepare(item, _worker["known"], _worker["media_root"], _worker["link"])
+    return _prepare(item, _worker["known"], _worker["root"], _worker["link"])
 
-def _prepared(items:list[SourceItem], known:dict, media_root:str, link:bool, chunk:int, bar) -> Iterator[tuple[SourceItem, tuple]]:
+def _prepared(items:list[SourceItem], known:dict, root:str, link:bool, chunk:int, bar) -> Iterator[tuple[SourceItem, tuple]]:
     """Yield `(item, _prepare(item))` in source order. Many local files go to one forked worker process per core:
     reading, hashing and checking are mostly Python, so threads share one core through the GIL (measured: 4 threads ran
     slower than one). Forked, not spawned: a spawned worker re-imports the caller's main module, which breaks scripts
@@ -228,13 +224,13 @@ def _prepared(items:list[SourceItem], known:dict, media_root:str, link:bool, chu
     if cores > 1 and len(items) >= _PROCESSES_FROM and sys.platform.startswith("linux") and all(it.path for it in items):
         from concurrent.futures import ProcessPoolExecutor
         pool = ProcessPoolExecutor(cores, mp_context=multiprocessing.get_context("fork"),
-                                   initializer=_start_worker, initargs=(frozenset(known), media_root, link))
+                                   initializer=_start_worker, initargs=(frozenset(known), root, link))
         jobs = ((it.path, it.name, it.problem, it.fields.get("_expected_sha")) for it in items)
         results = pool.map(_prepare_local, jobs, chunksize=64)
     else:
         pool = ThreadPoolExecutor(max_workers=_THREADS)
         results = (r for start in range(0, len(items), chunk)
-                   for r in pool.map(lambda it: _prepare(it, known, media_root, link), items[start:start + chunk]))
+                   for r in pool.map(lambda it: _prepare(it, known, root, link), items[start:start + chunk]))
     saved_filters = warnings.filters[:]  # load_image's catch_warnings is not thread-safe: restore the filters after
     try:
         for item, res in zip(items, results):
@@ -312,9 +308,9 @@ def _sample_fields(fo, item:SourceItem, size:tuple|None) -> dict:
 
 class _SampleWriter:
     "Build the documents of new samples and insert them, a batch at a time."
-    def __init__(self, ds, fo, source:str, fractions:tuple, media_root:str, batch_size:int):
+    def __init__(self, ds, fo, source:str, fractions:tuple, root:str, batch_size:int):
         self.ds, self.fo, self.source, self.fractions = ds, fo, source, fractions
-        self.media_root, self.batch_size, self.batch = media_root, batch_size, []
+        self.root, self.batch_size, self.batch = root, batch_size, []
         self.new_doc = _doc_factory(ds)
 
     def add(self, item:SourceItem, sha:str, problem:str|None, ext:str, size:tuple|None):
@@ -324,7 +320,7 @@ class _SampleWriter:
         else:
             fields["split"] = split = split_for(sha, self.fractions)
             tags = [split] + ([] if item.label else ["needs_label"])
-        self.batch.append(self.new_doc(_media_file(self.media_root, sha, ext), sha, self.source, item.label, tags, fields))
+        self.batch.append(self.new_doc(media_file(self.root, sha, ext), sha, self.source, item.label, tags, fields))
         if len(self.batch) >= self.batch_size: self.flush()
 
     def flush(self):

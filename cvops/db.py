@@ -18,8 +18,8 @@ from .errors import CvopsError, NotFoundError, ParameterError
 
 # %% auto #0
 __all__ = ['SPLITS', 'DEFAULT_FRACTIONS', 'fiftyone_dir', 'fiftyone_db', 'close_db', 'split_for', 'check_fractions',
-           'check_dataset_name', 'open_dataset', 'declare_sample_fields', 'media_path', 'list_datasets',
-           'DatasetParams', 'ListDatasetsParams']
+           'check_dataset_name', 'open_dataset', 'declare_sample_fields', 'media_root', 'media_file', 'media_path',
+           'list_datasets', 'DatasetParams', 'ListDatasetsParams']
 
 # %% ../nbs/12_db.ipynb #943370a8
 _DB: dict[str, Any] = {}  # the database this process is connected to: {"target": dir or URI, "service": …}
@@ -151,7 +151,7 @@ def declare_sample_fields(ds, fo):
     """Declare every field ingest writes (samples are inserted as documents, so the schema must exist first).
     One schema merge for all missing fields: `add_sample_field` reloads the dataset per field (≈ 0.1 s each)."""
     schema = ds.get_field_schema()
-    emb = lambda cls: fo.EmbeddedDocumentField(cls)
+    emb = fo.EmbeddedDocumentField
     fields = {"sha256": fo.StringField(), "split": fo.StringField(), "source": fo.StringField(),
               "ground_truth": emb(fo.Classification), "quarantine_reason": fo.StringField(),
               "ground_truth_detections": emb(fo.Detections), "capture_prediction": emb(fo.Classification),
@@ -160,9 +160,17 @@ def declare_sample_fields(ds, fo):
     missing = {name: f for name, f in fields.items() if name not in schema}
     if missing: ds.add_dynamic_sample_fields(fields=missing)
 
+def media_root(cfg:ProjectConfig|None=None) -> str:
+    "The project's media folder, `<home>/media`, holding the local copy of every ingested image."
+    return str((cfg or load_config()).home_dir.resolve() / "media")
+
+def media_file(root:str, sha:str, ext:str) -> str:
+    "`<root>/<sha[:2]>/<sha>.<ext>`: a plain string, as ingest names one per file and pathlib's cost shows there."
+    return f"{root}/{sha[:2]}/{sha}.{ext}"
+
 def media_path(sha:str, ext:str, cfg:ProjectConfig|None=None) -> Path:
     "Where the local media copy of an image lives: `<home>/media/<sha[:2]>/<sha>.<ext>`."
-    return (cfg or load_config()).home_dir.resolve() / "media" / sha[:2] / f"{sha}.{ext}"
+    return Path(media_file(media_root(cfg), sha, ext))
 
 def list_datasets(cfg:ProjectConfig|None=None) -> dict[str, int]:
     "Name → number of samples of every FiftyOne dataset in the project's database."

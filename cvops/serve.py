@@ -10,7 +10,7 @@ import contextlib
 import logging
 import time
 
-from fastapi import FastAPI, Query, Request, Security
+from fastapi import Depends, FastAPI, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.security import APIKeyHeader
@@ -174,9 +174,12 @@ _ERRORS = {s: {"model": ErrorResponse, "description": d} for s, d in
 # %% ../nbs/40_serve.ipynb #a54b75e9
 _KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the API key, when the gateway has one")
 _TOP_K = Query(None, ge=1, le=1000, description="how many labels to return (default: the server's top_k)")
-# documented here, checked by `detection_params` (these routes only describe the API; the Starlette routes serve it)
 _SCORE = Query(None, ge=0, le=1, description="a detection model's lowest score returned, 0 to 1 (default 0.5)")
 _MAX_DET = Query(None, ge=1, le=1000, description="a detection model's most boxes per image, 1 to 1000 (default 100)")
+
+class _AnswerQuery:
+    "The query parameters of every prediction route, documented once (`top_k_param` and `detection_params` check them)."
+    def __init__(self, top_k:int|None=_TOP_K, score_threshold:float|None=_SCORE, max_detections:int|None=_MAX_DET): pass
 
 def _item(r, key:str="predictions") -> dict:
     "One batch entry: the labels (a detector's: the boxes, under `key`), or the error this image got."
@@ -228,28 +231,25 @@ def _add_prediction_routes(app:FastAPI, gw:Gateway) -> dict:
     one_doc = dict(tags=["predict"], openapi_extra=_IMAGE_BODY, responses={200: {"model": PredictResponse}, **_ERRORS})
     batch_doc = dict(tags=["predict"], openapi_extra=_BATCH_BODY, responses={200: {"model": BatchResponse}, **_ERRORS})
 
+    # these FastAPI routes only describe the API (OpenAPI, /docs); the Starlette routes above serve it
+    q = Depends(_AnswerQuery)
     @app.post("/v1/predict", summary="Classify one image (the default model)", **one_doc)
-    async def predict(request:Request, top_k:int|None=_TOP_K, score_threshold:float|None=_SCORE,
-                      max_detections:int|None=_MAX_DET, key:str|None=Security(_KEY_HEADER)): return await one(request)
+    async def predict(request:Request, _:_AnswerQuery=q, key:str|None=Security(_KEY_HEADER)): return await one(request)
 
     @app.post("/v1/predict/batch", summary="Classify several images in one call (the default model)", **batch_doc)
-    async def predict_batch(request:Request, top_k:int|None=_TOP_K, score_threshold:float|None=_SCORE,
-                      max_detections:int|None=_MAX_DET, key:str|None=Security(_KEY_HEADER)): return await batch(request)
+    async def predict_batch(request:Request, _:_AnswerQuery=q, key:str|None=Security(_KEY_HEADER)): return await batch(request)
 
     @app.post("/v1/models/{name}/predict", summary="Classify one image with the named model", **one_doc)
-    async def predict_model(request:Request, name:str=_NAME, top_k:int|None=_TOP_K, score_threshold:float|None=_SCORE,
-                      max_detections:int|None=_MAX_DET, key:str|None=Security(_KEY_HEADER)):
+    async def predict_model(request:Request, name:str=_NAME, _:_AnswerQuery=q, key:str|None=Security(_KEY_HEADER)):
         return await one_m(request)
 
     @app.post("/v1/models/{name}/batch", summary="Classify several images with the named model", **batch_doc)
-    async def batch_model(request:Request, name:str=_NAME, top_k:int|None=_TOP_K, score_threshold:float|None=_SCORE,
-                      max_detections:int|None=_MAX_DET, key:str|None=Security(_KEY_HEADER)):
+    async def batch_model(request:Request, name:str=_NAME, _:_AnswerQuery=q, key:str|None=Security(_KEY_HEADER)):
         return await batch_m(request)
 
     @app.post("/v1/composite", tags=["predict"], summary="One image, several models' answers (decoded once)",
               openapi_extra=_IMAGE_BODY, responses={200: {"model": CompositeResponse}, **_ERRORS})
-    async def composite(request:Request, models:str|None=_MODELS, top_k:int|None=_TOP_K, score_threshold:float|None=_SCORE,
-                      max_detections:int|None=_MAX_DET, key:str|None=Security(_KEY_HEADER)):
+    async def composite(request:Request, models:str|None=_MODELS, _:_AnswerQuery=q, key:str|None=Security(_KEY_HEADER)):
         return await comp(request)
     return {f: p for p, f in paths.items()}
 

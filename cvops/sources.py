@@ -73,8 +73,9 @@ class _Loc:
     def is_file(self) -> bool: return os.path.isfile(self.path) if self.local else self.fs.isfile(self.path)
     def is_dir(self) -> bool: return os.path.isdir(self.path) if self.local else self.fs.isdir(self.path)
     def read_bytes(self) -> bytes: return self.reader()()
-    @property
-    def local_path(self) -> str|None: return self.path if self.local else None
+    def item(self, name:str, label:str|None=None, fields:dict|None=None) -> SourceItem:
+        "This file as a source item named `name`: its reader, and its path when it is on this machine."
+        return SourceItem(name, self.reader(), label, fields or {}, path=self.path if self.local else None)
     def reader(self) -> Callable[[], bytes]:
         return Path(self.path).read_bytes if self.local else (lambda fs=self.fs, p=self.path: fs.cat_file(p))
 
@@ -128,7 +129,7 @@ def _folder_items(src:_Loc) -> tuple[list[SourceItem], list[str]]:
     for p in files:
         rel = p.rel(src)
         label = check_label(rel.split("/", 1)[0], f"folder {src}") if "/" in rel else None
-        items.append(SourceItem(rel, p.reader(), label, path=p.local_path))
+        items.append(p.item(rel, label))
     return items, hidden
 
 _FILENAME_COLS = ("filename", "file", "file_name", "image", "path", "filepath")
@@ -169,7 +170,7 @@ def _csv_items(src:_Loc, labels:_Loc|None=None) -> tuple[list[SourceItem], list[
         raise ParameterError(f"{labels.name} names {len(missing)} file(s) not in {folder}: {', '.join(missing[:10])}"
                              f"{' …' if len(missing) > 10 else ''}; files there: {', '.join(present[:10]) or '(none)'}"
                              f"{' …' if len(present) > 10 else ''}")
-    items = [SourceItem(p.name, p.reader(), label_of.get(p.key), path=p.local_path) for p in files if p not in csvs]
+    items = [p.item(p.name, label_of.get(p.key)) for p in files if p not in csvs]
     return items, hidden + [f"{p.name} (a labels file)" for p in csvs]
 
 # %% ../nbs/13_sources.ipynb #dbf3fa6f
@@ -220,8 +221,7 @@ def _coco_items(src:_Loc, images:_Loc|None=None) -> tuple[list[SourceItem], list
         cid = {v: k for k, v in cats.items()}
         label = max(area, key=lambda c: (area[c], n[c], -_as_num(cid[c]))) if boxes else None
         size = (im["width"], im["height"]) if im.get("width") and im.get("height") else None
-        items.append(SourceItem(paths[iid].rel(base), paths[iid].reader(), label,
-                                {"_boxes": boxes, "_size": size} if boxes else {}, path=paths[iid].local_path))
+        items.append(paths[iid].item(paths[iid].rel(base), label, {"_boxes": boxes, "_size": size} if boxes else None))
     return items, []
 
 def _str_or_none(x): return None if x is None else str(x)
