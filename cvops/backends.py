@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -15,8 +17,10 @@ import numpy as np
 from .bundle import ModelBundle  # the one reader of bundles (contract D)
 from .errors import CvopsError, NotFoundError, BundleError, BackendUnavailable
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['Backend', 'OnnxBackend', 'TritonBackend', 'make_backend']
+__all__ = ['log', 'Backend', 'OnnxBackend', 'TritonBackend', 'make_backend']
 
 # %% ../nbs/41_backends.ipynb #061e3b57
 class Backend:
@@ -52,11 +56,14 @@ class OnnxBackend(Backend):
                  threads:int|None=None,  # ONNX Runtime intra-op threads
                  spinning:bool=False,    # ORT thread spinning
                  inline_ms:float=2.0,    # a lone request runs on the caller's thread if one image takes less than this (0: never)
+                 lone_threads:int|None=None, # threads of the spinning session lone requests run on (default: every core, at most 4;
+                                             # no second session unless this exceeds the batching session's threads)
                 ):
         super().__init__(bundle)
         self.batching, self.max_batch, self.max_delay, self.threads, self.spinning = batching, max_batch, max_delay_ms / 1000, threads, spinning
         self.inline_s = inline_ms / 1000
-        self.session = self._queue = self._worker = self._pool = None
+        self.lone_threads = lone_threads if lone_threads is not None else min(os.cpu_count() or 1, 4)
+        self.session = self._lone = self._queue = self._worker = self._pool = None
         self._inflight = self._waiting = 0
         self._one_s = None  # recent time of a one-image call (EWMA), for the inline decision
         self.batch_sizes: list[int] = []  # recent call sizes (for metrics), trimmed by the reader
@@ -70,18 +77,32 @@ class OnnxBackend(Backend):
         except BundleError:
             self._pool.shutdown(wait=False)
             raise
+        if await loop.run_in_executor(self._pool, self._warm_up, self.session) and self._one_s < self.inline_s \
+                and self.lone_threads > self.session.get_session_options().intra_op_num_threads:
+            # idle cores: a lone request is answered fastest by all of them, spinning (a woken thread costs more than the work)
+            self._lone = await loop.run_in_executor(self._pool, self.bundle.session, self.lone_threads, True)
+            await loop.run_in_executor(self._pool, self._warm_up, self._lone)
         if self.batching:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._gather(), name=f"batcher-{self.bundle.name}")
 
-    def _run(self, x:np.ndarray) -> np.ndarray|list:
-        t0 = time.perf_counter()
+    def _warm_up(self, session) -> bool:
+        "Two one-image calls on zeros: no request pays ORT's first-call set-up, and the inline decision has a time from the start."
+        x = np.zeros((1, 3, self.bundle.spec.size, self.bundle.spec.size), np.float32)
+        try:
+            for _ in range(2): self._one_s = None; self._run(x, session)
+        except Exception as e:  # a request will show the problem with its own error; serving starts regardless
+            log.warning("warm-up call of %s failed: %s", self.bundle.name, e); self._one_s = None
+        return self._one_s is not None
+
+    def _run(self, x:np.ndarray, session=None) -> np.ndarray|list:
+        t0, s = time.perf_counter(), session or self.session
         if self.bundle.task == "detection":  # one image per call (the bundle's form): per image (boxes, scores, labels)
             names = [o.name for o in self.bundle.outputs]
-            y = [tuple(self.session.run(names, {self.bundle.input_name: x[i:i + 1]})) for i in range(len(x))]
+            y = [tuple(s.run(names, {self.bundle.input_name: x[i:i + 1]})) for i in range(len(x))]
         elif self.embedding:  # one array through the batching code: logits, then the embedding, side by side
-            y = np.concatenate(self.session.run([self.bundle.output_name, self.bundle.embedding.name], {self.bundle.input_name: x}), 1)
-        else: y = self.session.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
+            y = np.concatenate(s.run([self.bundle.output_name, self.bundle.embedding.name], {self.bundle.input_name: x}), 1)
+        else: y = s.run([self.bundle.output_name], {self.bundle.input_name: x})[0]
         if len(x) == 1:
             t = time.perf_counter() - t0
             self._one_s = t if self._one_s is None else 0.8 * self._one_s + 0.2 * t
@@ -107,7 +128,7 @@ class OnnxBackend(Backend):
         if self.session is None: raise BackendUnavailable(f"model {self.bundle.name} v{self.bundle.version} is not loaded")
         if len(batch) == 1 and await self._alone():  # idle and a fast model: skip the thread hop (it costs more than it saves)
             self._inflight += 1
-            try: y = self._run(batch)
+            try: y = self._run(batch, self._lone)
             finally: self._inflight -= 1
             if self.on_batch: self.on_batch(1)
             return y
@@ -163,7 +184,7 @@ class OnnxBackend(Backend):
             await self._worker
             self._worker = None
         if self._pool is not None: self._pool.shutdown(wait=True)
-        self.session = None
+        self.session = self._lone = None
 
 # %% ../nbs/41_backends.ipynb #ed6c1b55
 _GRPC_CHANNEL = [("grpc.max_send_message_length", 2**31 - 1), ("grpc.max_receive_message_length", 2**31 - 1),

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from .bundle import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ort_session, write_bundle
 from .config import Params, ProjectConfig, load_config
 from .errors import CvopsError, ParameterError, ParityError
-from .preprocess import PreprocessSpec, decode_resized, image_statistics, normalize, preprocess_bytes
+from .preprocess import PreprocessSpec, decode_sized, image_statistics, normalize, preprocess_bytes
 from .store import ArtifactStore, project_store, sha256_file
 from .export_detection import DetectionParity
 
@@ -136,15 +136,13 @@ def build_reference(session,                # ONNX Runtime session of the export
                     batch:int=64,
                    ):
     "The drift reference a bundle carries: image statistics and embeddings of training images, predicted-class counts on validation."
-    import io
-    from PIL import Image
     from cvops.drift import DriftReference
     stats, embs = {}, []
     for i in range(0, len(images), batch):
         chunk = images[i:i + batch]
-        pixels = [decode_resized(b, spec) for b in chunk]
-        for b, px in zip(chunk, pixels):  # the original size comes from the header, without a second decode
-            for k, v in image_statistics(px, Image.open(io.BytesIO(b)).size).items(): stats.setdefault(k, []).append(v)
+        pixels, sizes = zip(*(decode_sized(b, spec) for b in chunk))
+        for px, size in zip(pixels, sizes):
+            for k, v in image_statistics(px, size).items(): stats.setdefault(k, []).append(v)
         embs.append(session.run([EMBEDDING_NAME], {INPUT_NAME: normalize(np.stack(pixels), spec)})[0])
     preds = np.concatenate([session.run([OUTPUT_NAME], {INPUT_NAME: val_inputs[i:i + batch]})[0].argmax(1)
                             for i in range(0, len(val_inputs), batch)])

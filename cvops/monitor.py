@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import datetime as _dt
-import io
 import json
 import re
 import tempfile
@@ -19,7 +18,7 @@ from .bundle import EMBEDDING_NAME, INPUT_NAME, OUTPUT_NAME, ModelBundle
 from .config import Params, ProjectConfig, load_config
 from .drift import DriftPolicy, DriftReference, DriftScore, EmbeddingSpace, score_window
 from .errors import BundleError, ImageError, NotFoundError, ParameterError
-from .preprocess import decode_resized, image_statistics, normalize
+from .preprocess import decode_sized, image_statistics, normalize
 
 # %% auto #0
 __all__ = ['parse_time', 'MonitorParams', 'CaptureRef', 'list_captures', 'TrafficFeatures', 'traffic_features', 'WindowReport',
@@ -101,7 +100,6 @@ class TrafficFeatures(BaseModel):
 
 def traffic_features(bundle:ModelBundle, fs, captures:list[CaptureRef], batch:int=64) -> TrafficFeatures:
     "Run the bundle over captured images: statistics, embeddings (when the model has them) and predicted classes."
-    from PIL import Image
     sess = bundle.session()
     outputs = [OUTPUT_NAME] + ([EMBEDDING_NAME] if bundle.embedding else [])
     stats, embs, classes, times, bad = {}, [], [], [], 0
@@ -109,9 +107,9 @@ def traffic_features(bundle:ModelBundle, fs, captures:list[CaptureRef], batch:in
         pixels = []
         for c in captures[i:i + batch]:
             data = fs.cat_file(c.image)
-            try: px = decode_resized(data, bundle.spec)
+            try: px, size = decode_sized(data, bundle.spec)
             except ImageError: bad += 1; continue
-            for k, v in image_statistics(px, Image.open(io.BytesIO(data)).size).items(): stats.setdefault(k, []).append(v)
+            for k, v in image_statistics(px, size).items(): stats.setdefault(k, []).append(v)
             pixels.append(px); times.append(c.time)
         if not pixels: continue
         out = sess.run(outputs, {INPUT_NAME: normalize(np.stack(pixels), bundle.spec)})

@@ -11,12 +11,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
-from .errors import CvopsError, ImageError, ImageTooLargeError, UnsupportedImageError
+from .errors import ImageError, ImageTooLargeError, UnsupportedImageError
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'DRAFT_MARGIN', 'PreprocessSpec', 'load_image', 'to_rgb',
-           'sniff_format', 'decode_resized', 'resize_to', 'normalize', 'to_input', 'preprocess_bytes',
-           'image_statistics', 'softmax', 'verify_image']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'DRAFT_MARGIN', 'PreprocessSpec', 'decode_image', 'load_image',
+           'to_rgb', 'sniff_format', 'decode_resized', 'decode_sized', 'resize_to', 'normalize', 'to_input',
+           'preprocess_bytes', 'image_statistics', 'softmax', 'verify_image']
 
 # %% ../nbs/03_preprocess.ipynb #a27c4df8
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -43,12 +43,12 @@ class PreprocessSpec(BaseModel):
 # %% ../nbs/03_preprocess.ipynb #69dbd863
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
-def load_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP, …)
-               max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
-               formats:tuple[str,...]|None=None, # accepted Pillow formats, e.g. ('JPEG', 'PNG', 'WEBP'); None: any
-               reduce_to:int|None=None,   # JPEG: decode at the smallest 1/2, 1/4 or 1/8 scale keeping both sides ≥ this
-              ) -> Image.Image:           # an upright RGB image
-    "Decode bytes into an upright RGB image, or raise `ImageError` naming the problem."
+def decode_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP, …)
+                 max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
+                 formats:tuple[str,...]|None=None, # accepted Pillow formats, e.g. ('JPEG', 'PNG', 'WEBP'); None: any
+                 reduce_to:int|None=None,   # JPEG: decode at the smallest 1/2, 1/4 or 1/8 scale keeping both sides ≥ this
+                ) -> tuple[Image.Image, tuple[int, int]]: # an upright RGB image; the upright (width, height) as sent
+    "Decode bytes into an upright RGB image and the size the image has as sent (upright, before any reduced-scale decode), or raise `ImageError`."
     if not data: raise ImageError("empty image: the body has no bytes")
     try:
         # our own pixel cap is checked from the header, before decoding; Pillow's bomb guard stays as a backstop
@@ -64,13 +64,23 @@ def load_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP
         # a 12 MP photo for a 64 px model: the JPEG decoder's DCT scaling skips most of the work (Pillow's draft)
         if reduce_to and fmt == "JPEG": img.draft(None, (reduce_to, reduce_to))
         img.load()
+        decoded = img.size
     except ImageError: raise
     except UnidentifiedImageError: raise ImageError("not an image: the bytes are not in a known image format") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageTooLargeError(f"image too large (decompression bomb guard): {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageError(f"corrupt or truncated image: {e}") from None
-    return to_rgb(img)
+    img = to_rgb(img)
+    return img, ((h, w) if img.size != decoded else (w, h))  # EXIF orientations 5-8 swap the sides: no second EXIF read
+
+def load_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP, …)
+               max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
+               formats:tuple[str,...]|None=None, # accepted Pillow formats, e.g. ('JPEG', 'PNG', 'WEBP'); None: any
+               reduce_to:int|None=None,   # JPEG: decode at the smallest 1/2, 1/4 or 1/8 scale keeping both sides ≥ this
+              ) -> Image.Image:           # an upright RGB image
+    "Decode bytes into an upright RGB image, or raise `ImageError` naming the problem (`decode_image` without the size)."
+    return decode_image(data, max_pixels, formats, reduce_to)[0]
 
 def to_rgb(img:Image.Image) -> Image.Image:
     "Apply EXIF orientation and convert any mode (CMYK, 16-bit, alpha, palette, grey) to 8-bit RGB."
@@ -112,7 +122,13 @@ def decode_resized(data:bytes,              # encoded image bytes
                    formats:tuple[str,...]|None=None, # accepted Pillow formats; None: any
                   ) -> np.ndarray:           # uint8 array (size, size, 3), RGB
     "Decode untrusted bytes straight to the model's size: the one decode path of training, evaluation and serving."
-    return resize_to(load_image(data, max_pixels, formats, reduce_to=DRAFT_MARGIN * spec.size), spec)
+    return decode_sized(data, spec, max_pixels, formats)[0]
+
+def decode_sized(data:bytes, spec:PreprocessSpec, max_pixels:int=MAX_PIXELS, formats:tuple[str,...]|None=None,
+                ) -> tuple[np.ndarray, tuple[int, int]]: # uint8 (size, size, 3); the upright (width, height) as sent
+    "`decode_resized`, and the image's size as sent (what `image_statistics` records), from the one decode."
+    img, size = decode_image(data, max_pixels, formats, reduce_to=DRAFT_MARGIN * spec.size)
+    return resize_to(img, spec), size
 
 def resize_to(img:Image.Image,     # an RGB image (see `load_image`)
               spec:PreprocessSpec, # the model's size and resampling filter

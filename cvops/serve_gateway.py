@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 import logging
 import os
 import random
@@ -15,13 +14,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
-from PIL import Image
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from .bundle import ModelBundle
 from .capture import Capture, CaptureWriter
 from .errors import BackendUnavailable, CvopsError, ImageError, NotFoundError
-from .preprocess import DRAFT_MARGIN, load_image, sniff_format
+from .preprocess import DRAFT_MARGIN, decode_image, sniff_format
 from .serve_config import ServeSettings
 from .serve_http import FORMATS
 from .serve_models import ModelSlot, ServedModel, resolve_bundle, same_model
@@ -261,11 +259,10 @@ class Gateway:
         xs, stats, errors = [[] for _ in models], [[] for _ in models], {}
         reduce_to = DRAFT_MARGIN * max(m.size for m in models)  # one decode serves every model's size
         for i, (data, _) in enumerate(items):
-            try: img = load_image(data, self.settings.max_pixels, FORMATS, reduce_to=reduce_to)
+            try: img, size = decode_image(data, self.settings.max_pixels, FORMATS, reduce_to=reduce_to)  # size: as it arrived
             except ImageError as e:
                 if len(items) == 1: raise
                 errors[i] = type(e)(f"image {i}: {e}"); continue  # same type, so the same status
-            size = Image.open(io.BytesIO(data)).size  # as it arrived (the decode may be at reduced scale): a header read
             for j, m in enumerate(models):
                 x, st = m.prepare(img, size)
                 xs[j].append(x); stats[j].append((size[0] * size[1], st))

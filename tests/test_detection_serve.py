@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import onnx
 import pytest
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import run_cli  # noqa: E402
@@ -31,6 +32,8 @@ def det(tmp_path_factory):
     rng = np.random.default_rng(1)
     photos = [encode(draw_scene(rng, 64)[0], "PNG") for _ in range(6)]
     photos.append(encode(draw_scene(rng, 64)[0].resize((160, 96)), "JPEG", quality=95))  # boxes must scale per axis
+    exif = Image.Exif(); exif[0x0112] = 6  # stored sideways (displayed 96 × 160): boxes are in pixels of the upright photo
+    photos.append(encode(draw_scene(rng, 64)[0].resize((160, 96)), "JPEG", quality=95, exif=exif))
     x = np.stack([preprocess_bytes(p, spec) for p in photos])
     bundle, parity = export_detector(model, CLASSES, spec, root / "det", x, name="shapes-det", min_score=0.06,
                                      detector_name="fasterrcnn_mobilenet_v3_large_320_fpn")
@@ -55,14 +58,14 @@ def client(g):
 
 def expected(bundle: Path, data: bytes, threshold: float = 0.0, most: int = 1000) -> list[dict]:
     "In-process ONNX Runtime through the shared decode path, boxes scaled to the photo's pixels (written out here, not reused from cvops)."
-    from PIL import Image
+    from PIL import Image, ImageOps
     import io
     from cvops.bundle import ModelBundle, ort_session
     from cvops.preprocess import decode_resized, normalize
     b = ModelBundle.load(bundle)
     boxes, scores, labels = ort_session(b.onnx_path).run(["boxes", "scores", "labels"],
                                                          {"input": normalize(decode_resized(data, b.spec), b.spec)[None]})
-    w, h = Image.open(io.BytesIO(data)).size
+    w, h = ImageOps.exif_transpose(Image.open(io.BytesIO(data))).size  # the photo as displayed (EXIF orientation applied)
     s = b.spec.size
     out = [{"label": CLASSES[l - 1], "score": float(sc), "box": [x1 * w / s, y1 * h / s, x2 * w / s, y2 * h / s]}
            for (x1, y1, x2, y2), sc, l in zip(boxes.tolist(), scores, labels) if sc >= threshold]
@@ -106,9 +109,11 @@ def test_gateway_boxes_equal_in_process_onnxruntime(gw, det):
             top = c.post("/v1/predict", params={"score_threshold": 0.07, "max_detections": 2}, content=data).json()["detections"]
             assert_boxes(top, expected(det["bundle"], data, 0.07, 2))
         assert n > 0  # the detector found something to compare
-        big = det["photos"][-1]
+        big = det["photos"][-2]
         d = c.post("/v1/predict", params=ALL, content=big).json()["detections"]
         if d: assert max(b["box"][2] for b in d) > 64  # in pixels of the 160×96 photo, not of the 64×64 input
+        turned = c.post("/v1/predict", params=ALL, content=det["photos"][-1]).json()["detections"]
+        assert all(b["box"][2] <= 96.001 and b["box"][3] <= 160.001 for b in turned), turned  # upright: 96 wide, 160 high
         batch = c.post("/v1/predict/batch", params=ALL, files=[("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(det["photos"][:3])]).json()
         for got, data in zip(batch["results"], det["photos"]): assert_boxes(got["detections"], expected(det["bundle"], data))
 
