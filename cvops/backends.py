@@ -195,8 +195,8 @@ class TritonBackend(Backend):
     "A model served by NVIDIA Triton, called through tritonclient's asyncio HTTP or gRPC client."
     kind = "triton"
     def __init__(self, bundle:ModelBundle,
-                 url:str="127.0.0.1:8000",   # Triton address (host:port; HTTP or gRPC port per `protocol`)
-                 protocol:str="http",        # 'http' or 'grpc'
+                 url:str="127.0.0.1:8001",   # Triton address (host:port; gRPC or HTTP port per `protocol`)
+                 protocol:str="grpc",        # 'grpc' or 'http'
                  model_name:str|None=None,   # the model's name in Triton (default: the bundle's name)
                  model_version:str|None=None, # Triton version ('' = Triton's policy; default: the bundle's version if > 0)
                  timeout_s:float=10.0,       # per-call timeout
