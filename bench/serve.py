@@ -436,9 +436,21 @@ def draft_figures(tmp: Path, n: int) -> dict:
 WORKERS = "cvops gateway, workers = cores"
 
 
+def two_model_rss(bundle: Path, tmp: Path) -> float:
+    "Resident MB of one gateway process serving two models (the bench's bundle under two names), after traffic to both."
+    import httpx
+    (tmp / "two.yaml").write_text(f"models:\n  - {{name: a, model_dir: {bundle}}}\n  - {{name: b, model_dir: {bundle}}}\n")
+    body = (tmp / "small.jpg").read_bytes()
+    with Gateway("--config", tmp / "two.yaml", env={"CVOPS_HOME": str(tmp / "home")}, log=tmp / "two.log") as g, httpx.Client(base_url=g.url) as c:
+        for _ in range(50):
+            for m in ("a", "b"): c.post(f"/v1/models/{m}/predict", content=body, headers={"content-type": "image/jpeg"}).raise_for_status()
+        return g.rss_mb()
+
+
 def peers_main(a, tmp, bundle, jpegs, res):
     print(f"peers (hey), {a.peer_runs} runs, medians:", flush=True)
     res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests, a.peer_runs)
+    res["rss_two_models_mb"] = two_model_rss(bundle, tmp)
     if not a.no_triton:
         res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
     if not a.no_draft: res["draft"] = draft_figures(tmp, a.draft_photos)
@@ -466,6 +478,7 @@ def peers_main(a, tmp, bundle, jpegs, res):
             rows.append((f"   gateway CPU ms per request, → Triton {proto}", td[f"gateway_cpu_ms_per_request_{proto}"], "", None, "le"))
     if "draft" in res: rows.append(("reduced-scale vs full decoding, top-1 agreement", res["draft"]["agreement"], "≥ 99.5 %", TARGETS["draft_agreement"], "ge"))
     rows.append(("gateway RSS MB (one model)", S.get(cv, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
+    rows.append(("gateway RSS MB, two models in one process", res.get("rss_two_models_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
     rows.append(("gateway RSS MB per worker (largest, one model)", S.get(wk, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
     print("\n{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}".format("server", "64px c1", "p50 ms", "64px c16", "12MP c1", "p50 ms", "12MP c4"))
     for name, r in S.items():
