@@ -8,7 +8,7 @@ STAMP := $(VENV)/.cvops-installed
 export FIFTYONE_DO_NOT_TRACK ?= true
 export WANDB_SILENT ?= true
 
-.PHONY: demo test install check-sync stages nbtest pytest readme bench docs clean
+.PHONY: demo test install check-sync stages nbtest pytest readme bench device-wheels docs clean
 
 $(STAMP): setup.py settings.ini
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -76,6 +76,10 @@ docs: install
 
 bench: install
 	$(BIN)/cvops bench
+
+# the lent GPU machine has Python 3.12 and no pydantic: its wheels, carried there by bench/device_train.sh's run
+device-wheels: install
+	$(BIN)/python -m pip download --quiet --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 --dest .device-wheels pydantic
 
 clean:
 	rm -rf .cvops _docs site build *.egg-info
