@@ -56,13 +56,13 @@ class OnnxBackend(Backend):
                  threads:int|None=None,  # ONNX Runtime intra-op threads
                  spinning:bool=False,    # ORT thread spinning
                  inline_ms:float=2.0,    # a lone request runs on the caller's thread if one image takes less than this (0: never)
-                 lone_threads:int|None=None, # threads of the spinning session lone requests run on (default: every core, at most 4;
-                                             # no second session unless this exceeds the batching session's threads)
+                 processes:int=1,        # processes sharing this machine's cores (the gateway's workers): the spinning session
+                                         # lone requests run on gets their share of the cores, at most 4 (none if not more than `threads`)
                 ):
         super().__init__(bundle)
         self.batching, self.max_batch, self.max_delay, self.threads, self.spinning = batching, max_batch, max_delay_ms / 1000, threads, spinning
         self.inline_s = inline_ms / 1000
-        self.lone_threads = lone_threads if lone_threads is not None else min(os.cpu_count() or 1, 4)
+        self.lone_threads = max(1, min(os.cpu_count() or 1, 4) // processes)
         self.session = self._lone = self._queue = self._worker = self._pool = None
         self._inflight = self._waiting = 0
         self._one_s = None  # recent time of a one-image call (EWMA), for the inline decision
@@ -90,7 +90,8 @@ class OnnxBackend(Backend):
         "Two one-image calls on zeros: no request pays ORT's first-call set-up, and the inline decision has a time from the start."
         x = np.zeros((1, 3, self.bundle.spec.size, self.bundle.spec.size), np.float32)
         try:
-            for _ in range(2): self._one_s = None; self._run(x, session)
+            self._run(x, session)                       # ORT's first-call set-up
+            self._one_s = None; self._run(x, session)   # a warm call's time starts the inline decision's average
         except Exception as e:  # a request will show the problem with its own error; serving starts regardless
             log.warning("warm-up call of %s failed: %s", self.bundle.name, e); self._one_s = None
         return self._one_s is not None

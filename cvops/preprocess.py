@@ -124,7 +124,10 @@ def decode_resized(data:bytes,              # encoded image bytes
     "Decode untrusted bytes straight to the model's size: the one decode path of training, evaluation and serving."
     return decode_sized(data, spec, max_pixels, formats)[0]
 
-def decode_sized(data:bytes, spec:PreprocessSpec, max_pixels:int=MAX_PIXELS, formats:tuple[str,...]|None=None,
+def decode_sized(data:bytes,              # encoded image bytes
+                 spec:PreprocessSpec,      # the model's preprocessing (its size and resampling filter)
+                 max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
+                 formats:tuple[str,...]|None=None, # accepted Pillow formats; None: any
                 ) -> tuple[np.ndarray, tuple[int, int]]: # uint8 (size, size, 3); the upright (width, height) as sent
     "`decode_resized`, and the image's size as sent (what `image_statistics` records), from the one decode."
     img, size = decode_image(data, max_pixels, formats, reduce_to=DRAFT_MARGIN * spec.size)

@@ -212,8 +212,7 @@ class Gateway:
             if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
                 xs, stats, errors = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
             else: xs, stats, errors = self._decode(items, models)
-            if len(models) == 1: ranked = [await self._infer(models[0], xs[0], top_k, stats[0], detect)]  # no task to schedule
-            else: ranked = await asyncio.gather(*(self._infer(m, x, top_k, st, detect) for m, x, st in zip(models, xs, stats)))
+            ranked = await asyncio.gather(*(self._infer(m, x, top_k, st, detect) for m, x, st in zip(models, xs, stats)))
         out = []
         for slot_name, m, x, st, r in zip(names, models, xs, stats, ranked):
             self._observe(m, r, st)

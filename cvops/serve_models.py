@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import uuid
 from pathlib import Path
@@ -58,9 +57,7 @@ def build_backend(bundle:ModelBundle, settings:ServeSettings) -> Backend:
         return make_backend(bundle, "triton", url=settings.triton_url, protocol=settings.triton_protocol,
                             model_name=settings.triton_model, timeout_s=settings.triton_timeout)
     return make_backend(bundle, "onnxruntime", batching=settings.batching, max_batch=settings.max_batch,
-                        max_delay_ms=settings.max_delay_ms, threads=settings.threads,
-                        # several workers share the cores: each one's lone requests get its share of them, not all
-                        lone_threads=max(1, min(os.cpu_count() or 1, 4) // settings.workers))
+                        max_delay_ms=settings.max_delay_ms, threads=settings.threads, processes=settings.workers)
 
 # %% ../nbs/45_serve_models.ipynb #1d7ae244
 def bundle_digest(bundle:ModelBundle) -> str:
