@@ -5,6 +5,7 @@
 # %% ../nbs/10_data.ipynb #4adb1571
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -12,7 +13,7 @@ import time
 import warnings
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -137,10 +138,12 @@ def _ingest(src, name, fmt, items, skipped, cfg, progress, batch_size, link) -> 
     writer = _SampleWriter(ds, fo, str(src) if "://" in str(src) else str(Path(src).resolve()),
                            check_fractions(ds.info.get("split_fractions", DEFAULT_FRACTIONS)), root, batch_size)
     bar = tqdm(total=len(items), desc=f"ingest {name}", unit="file", disable=not progress, leave=False)
-    with closing(_prepared(items, ledger.existing, root, link, batch_size, bar)) as prepared:
-        for item, (sha, problem, ext, size) in prepared:
-            if ledger.is_new(item, sha, problem): writer.add(item, sha, problem, ext, size)
-    writer.flush()
+    try:
+        with closing(_prepared(items, ledger.existing, root, link, batch_size, bar)) as prepared, _gc_paused():
+            for item, (sha, problem, ext, size) in prepared:
+                if ledger.is_new(item, sha, problem): writer.add(item, sha, problem, ext, size)
+        writer.flush()
+    finally: writer.close()  # the insert in flight finishes (or fails) before anything else reads the dataset
     rep.labels_filled = _update_labels(ds, fo, ledger.fill, ledger.conflicted)
     rep.per_class = dict(sorted(ledger.per_class.items()))
     rep.seconds = round(time.perf_counter() - t0, 3)
@@ -209,7 +212,7 @@ def _start_worker(known:frozenset, root:str, link:bool): _worker.update(known=kn
 def _prepare_local(job:tuple[str, str, str|None, str|None]) -> tuple:
     "`_prepare` in a worker process, for a local file sent as (path, name, problem, expected sha256)."
     path, name, problem, exp = job
-    item = SourceItem(name, Path(path).read_bytes, problem=problem, fields={"_expected_sha": exp} if exp else {}, path=path)
+    item = SourceItem.local(name, path, fields={"_expected_sha": exp} if exp else None, problem=problem)
     return _prepare(item, _worker["known"], _worker["root"], _worker["link"])
 
 def _prepared(items:list[SourceItem], known:dict, root:str, link:bool, chunk:int, bar) -> Iterator[tuple[SourceItem, tuple]]:
@@ -312,6 +315,8 @@ class _SampleWriter:
         self.ds, self.fo, self.source, self.fractions = ds, fo, source, fractions
         self.root, self.batch_size, self.batch = root, batch_size, []
         self.new_doc = _doc_factory(ds)
+        # one batch is inserted in a thread while the next is built: the insert mostly waits on mongod (the GIL is free)
+        self._inserter, self._pending = ThreadPoolExecutor(1, thread_name_prefix="cvops-ingest-insert"), None
 
     def add(self, item:SourceItem, sha:str, problem:str|None, ext:str, size:tuple|None):
         "Queue the sample of a new file: quarantined with its reason, or in its split (tagged needs_label if unlabelled)."
@@ -324,8 +329,28 @@ class _SampleWriter:
         if len(self.batch) >= self.batch_size: self.flush()
 
     def flush(self):
-        "Insert the queued samples."
-        if self.batch: _insert_docs(self.ds, self.batch); self.batch = []
+        "Start inserting the queued samples, once the batch before them is in."
+        self._wait()
+        if self.batch: self._pending = self._inserter.submit(_insert_docs, self.ds, self.batch); self.batch = []
+
+    def _wait(self):
+        "Wait for the batch being inserted; its failure is raised here."
+        pending, self._pending = self._pending, None
+        if pending is not None: pending.result()
+
+    def close(self):
+        "Wait for the insert in flight, then stop the thread (samples still queued are not inserted: call `flush` first)."
+        try: self._wait()
+        finally: self._inserter.shutdown()
+
+@contextmanager
+def _gc_paused():
+    """The cyclic garbage collector off for a loop that makes no cycles: each full collection walks every object
+    FiftyOne's import made (≈ 280,000), measured at 0.1–0.3 s of a 10,000-file ingest."""
+    enabled = gc.isenabled(); gc.disable()
+    try: yield
+    finally:
+        if enabled: gc.enable()
 
 def _doc_factory(ds) -> Callable:
     "Build sample documents the way `Dataset.add_samples` stores them, without a `Sample` object per image."

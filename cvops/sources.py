@@ -13,6 +13,7 @@ import posixpath
 import re
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -37,6 +38,14 @@ class SourceItem:
     fields: dict = field(default_factory=dict)  # extra sample fields (detections, capture metadata)
     problem: str|None = None          # a reason to quarantine known before decoding (e.g. a broken sidecar)
     path: str|None = None             # the file on this machine, for local sources (hard links, worker processes)
+
+    @classmethod
+    def local(cls, name:str, path:str, label:str|None=None, fields:dict|None=None, problem:str|None=None) -> SourceItem:
+        "A file on this machine, read with a plain `open` (a `Path` per file costs more than hashing a small image)."
+        return cls(name, partial(_read_local, path), label, fields or {}, problem, path)
+
+def _read_local(path:str) -> bytes:
+    with open(path, "rb") as f: return f.read()
 
 def check_label(label, where:str) -> str|None:
     "A usable class name (it becomes a folder name in exports), or None for 'no label'."
@@ -75,9 +84,10 @@ class _Loc:
     def read_bytes(self) -> bytes: return self.reader()()
     def item(self, name:str, label:str|None=None, fields:dict|None=None) -> SourceItem:
         "This file as a source item named `name`: its reader, and its path when it is on this machine."
-        return SourceItem(name, self.reader(), label, fields or {}, path=self.path if self.local else None)
+        if self.local: return SourceItem.local(name, self.path, label, fields)
+        return SourceItem(name, self.reader(), label, fields or {})
     def reader(self) -> Callable[[], bytes]:
-        return Path(self.path).read_bytes if self.local else (lambda fs=self.fs, p=self.path: fs.cat_file(p))
+        return partial(_read_local, self.path) if self.local else partial(self.fs.cat_file, self.path)
 
     def children(self) -> list[_Loc]:
         "The entries directly in this folder, sorted by name."

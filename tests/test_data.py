@@ -267,6 +267,50 @@ def test_verify_image_sizes_match_a_full_decode():
     assert verify_image(_encoded(64, "JPEG")) == (64, 64)
 
 
+def test_png_check_refuses_what_pillow_refuses_and_sizes_match():
+    """The hand-written PNG walk (chunk lengths and CRCs through IEND) against Pillow's own check: same sizes on every
+    colour type, every cut refused, no flipped byte accepted that Pillow refuses, and PNGs that may carry EXIF or
+    frames (text, eXIf) left to Pillow, which applies the orientation."""
+    import io
+    import random
+    import struct
+    import zlib
+    import numpy as np
+    from PIL import PngImagePlugin
+    from cvops.errors import ImageError
+    from cvops.preprocess import _png_size, load_image, verify_image
+    rgb = Image.fromarray(np.random.default_rng(3).integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    def png(img, **kw): buf = io.BytesIO(); img.save(buf, "PNG", **kw); return buf.getvalue()
+    text = PngImagePlugin.PngInfo(); text.add_text("Comment", "a text chunk")
+    turned = Image.Exif(); turned[0x0112] = 6
+    plain = {"RGB": png(rgb), "L": png(rgb.convert("L")), "LA": png(rgb.convert("LA")), "RGBA": png(rgb.convert("RGBA")),
+             "P": png(rgb.convert("P"), transparency=3), "1": png(rgb.convert("1")), "I;16": png(rgb.convert("I;16")),
+             "interlaced": png(rgb, interlace=1)}
+    for mode, data in plain.items():
+        assert _png_size(data) == verify_image(data) == load_image(data).size == (53, 37), mode
+    assert _png_size(png(rgb, pnginfo=text)) is None and verify_image(png(rgb, pnginfo=text)) == (53, 37)
+    assert _png_size(png(rgb, exif=turned.tobytes())) is None and verify_image(png(rgb, exif=turned.tobytes())) == (37, 53)
+
+    def pillow_accepts(data):
+        try: Image.open(io.BytesIO(data)).verify(); return True
+        except Exception: return False
+    def refused(data):
+        try: verify_image(data); return None
+        except ImageError as e: return str(e)
+    data = plain["RGB"]
+    for cut in range(8, len(data)):
+        assert "truncated" in (refused(data[:cut]) or ""), cut
+    rng = random.Random(0)
+    for _ in range(400):
+        flipped = bytearray(data); i = rng.randrange(8, len(data)); flipped[i] ^= 1 << rng.randrange(8)
+        if refused(bytes(flipped)) is None:
+            assert pillow_accepts(bytes(flipped)), i
+            assert load_image(bytes(flipped)).size == (53, 37), i
+    ihdr = b"IHDR" + struct.pack(">IIBBBBB", 53, 37, 8, 5, 0, 0, 0)  # colour type 5 does not exist
+    bad_mode = data[:12] + ihdr + struct.pack(">I", zlib.crc32(ihdr)) + data[33:]
+    assert "not a valid combination" in refused(bad_mode) and not pillow_accepts(bad_mode)
+
+
 def test_invalid_file_under_two_class_folders_is_quarantined_twice(tmp_path):
     "Validity before deduplication: each copy of a bad file is quarantined with its reason, never a label conflict."
     from cvops.data import ingest, open_dataset
