@@ -212,29 +212,38 @@ class Gateway:
             if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
                 xs, stats, errors = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
             else: xs, stats, errors = self._decode(items, models)
-            ranked = await asyncio.gather(*(self._infer(m, x, top_k, st, detect) for m, x, st in zip(models, xs, stats)))
+            inferred = await asyncio.gather(*(self._infer(m, x, top_k, st, detect) for m, x, st in zip(models, xs, stats)))
+        # the bookkeeping runs once this task gives the loop back, which is after the answer is sent when nothing waits
+        # on the way out: at one client that is latency saved (measured ≈ 0.1 ms at 64 px), under load the same work
+        asyncio.get_running_loop().call_soon(self._account, names, models, xs, stats, inferred, items, errors)
         out = []
-        for slot_name, m, x, st, r in zip(names, models, xs, stats, ranked):
-            self._observe(m, r, st)
-            slot = self.slot(slot_name)
-            if slot.challenger is not None and m.task == "classification": self._shadow(slot, x, r)  # shadowing compares top-1 labels
-            if self.capture is not None: self._capture(m, [it for i, it in enumerate(items) if i not in errors], r)
+        for m, (r, _) in zip(models, inferred):
             good = iter(r)
             out.append((m, [errors[i] if i in errors else next(good) for i in range(len(items))]))
         return out
 
-    async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int, stats:list|None=None, detect:dict|None=None) -> list[list[dict]]:
+    async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int, stats:list, detect:dict|None=None) -> tuple[list, np.ndarray|None]:
+        "Per image: top-k labels (or boxes); and the embeddings when the model tracks drift."
         t0 = time.perf_counter()
         if model.task == "detection":  # boxes back in pixels of each image as it arrived (its size is in the statistics)
             out = await model.backend.infer(x)
             self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
-            return model.detect(out, [(st["width"], st["height"]) for _, st in stats], **(detect or {}))
+            return model.detect(out, [(st["width"], st["height"]) for _, st in stats], **(detect or {})), None
         if model.drift is not None: logits, emb = await model.backend.infer_embedding(x)
         else: logits, emb = await model.backend.infer(x), None
         self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
-        ranked = model.topk(logits, top_k)
-        if model.drift is not None and stats is not None: self._track_drift(model, ranked, stats, emb)
-        return ranked
+        return model.topk(logits, top_k), emb
+
+    def _account(self, names:list, models:list[ServedModel], xs:list, stats:list, inferred:list, items:list, errors:dict):
+        "A request's bookkeeping, per model: metrics, the drift window, the shadow call, the capture."
+        try:
+            for slot_name, m, x, st, (r, emb) in zip(names, models, xs, stats, inferred):
+                self._observe(m, r, st)
+                if m.drift is not None and m.task == "classification": self._track_drift(m, r, st, emb)
+                slot = self.slot(slot_name)
+                if slot.challenger is not None and m.task == "classification": self._shadow(slot, x, r)  # shadowing compares top-1 labels
+                if self.capture is not None: self._capture(m, [it for i, it in enumerate(items) if i not in errors], r)
+        except Exception: log.exception("the bookkeeping of a request failed (its answer was sent)")
 
     def _track_drift(self, model:ServedModel, ranked, stats, emb):
         "Add the requests to the model's drift window; when it is due, score it in a thread (off the request path)."
