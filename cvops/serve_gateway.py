@@ -212,7 +212,9 @@ class Gateway:
             if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
                 xs, stats, errors = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
             else: xs, stats, errors = self._decode(items, models)
-            inferred = await asyncio.gather(*(self._infer(m, x, top_k, st, detect) for m, x, st in zip(models, xs, stats)))
+            calls = [self._infer(m, x, top_k, st, detect) for m, x, st in zip(models, xs, stats)]
+            # one model: awaited in this task (gather would make a task of it, two more turns of the loop for nothing)
+            inferred = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         # the bookkeeping runs once this task gives the loop back, which is after the answer is sent when nothing waits
         # on the way out: at one client that is latency saved (measured ≈ 0.1 ms at 64 px), under load the same work
         asyncio.get_running_loop().call_soon(self._account, names, models, xs, stats, inferred, items, errors)
