@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -90,8 +89,10 @@ def main():
     ap.add_argument("--n", type=int, default=3000, help="synthetic images")
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "ingest.json"))
+    ap.add_argument("--workdir", default=None, help="folder for the sources, media copies and database (default: the "
+                    "system temp folder; file creation speed differs between folders, so pick the disk you care about)")
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="cvops-bench-ingest-"))
+    work = Path(tempfile.mkdtemp(prefix="cvops-bench-ingest-", dir=args.workdir))
     os.environ.update(CVOPS_HOME=str(work / ".cvops"), CVOPS_STORE_URL=str(work / "store"), FIFTYONE_DO_NOT_TRACK="true")
     from cvops.config import set_process_defaults
     set_process_defaults()  # an entry point: OMP_WAIT_POLICY and friends, unless set
@@ -123,7 +124,7 @@ def main():
     ratio, link_ratio = ingest_rate / walk_rate, link_rate / walk_rate
     best = max(ratio, link_ratio)
     res = {
-        "n": args.n, "size": args.size,
+        "n": args.n, "size": args.size, "workdir": str(work.parent),
         "walk_hash": {"files_per_s": round(walk_rate, 1), "seconds": round(walk_s, 3)},
         "walk_hash_decode": {"files_per_s": round(decode_rate, 1), "seconds": round(decode_s, 3)},
         "walk_hash_verify": {"files_per_s": round(verify_rate, 1), "seconds": round(verify_s, 3)},
@@ -140,7 +141,7 @@ def main():
         "target_ratio": TARGET, "meets_target": best >= TARGET,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
     }
-    print(f"ingest benchmark: {args.n} synthetic {args.size}px PNGs, bundled MongoDB (started in {db_start:.1f} s)")
+    print(f"ingest benchmark: {args.n} synthetic {args.size}px PNGs in {work}, bundled MongoDB (started in {db_start:.1f} s)")
     print(f"{'measure':<40}{'rate':>14}{'seconds':>10}")
     print(f"{'walk + sha256':<40}{walk_rate:>10.0f} /s{walk_s:>10.2f}")
     print(f"{'walk + sha256 + decode (load_image)':<40}{decode_rate:>10.0f} /s{decode_s:>10.2f}")
