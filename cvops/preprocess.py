@@ -43,6 +43,11 @@ class PreprocessSpec(BaseModel):
 # %% ../nbs/03_preprocess.ipynb #69dbd863
 _RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS}
 
+def _check_size(w:int, h:int, max_pixels:int):
+    "Refuse a header's size before any pixel is decoded: too many pixels, or none."
+    if w * h > max_pixels: raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
+    if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
+
 def decode_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP, …)
                  max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
                  formats:tuple[str,...]|None=None, # accepted Pillow formats, e.g. ('JPEG', 'PNG', 'WEBP'); None: any
@@ -58,9 +63,7 @@ def decode_image(data:bytes,                # encoded image bytes (JPEG, PNG, We
         if formats is not None and fmt not in formats:
             raise UnsupportedImageError(f"unsupported image format {fmt}; accepted: {', '.join(formats)}")
         w, h = img.size
-        if w * h > max_pixels:
-            raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
-        if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
+        _check_size(w, h, max_pixels)
         # a 12 MP photo for a 64 px model: the JPEG decoder's DCT scaling skips most of the work (Pillow's draft)
         if reduce_to and fmt == "JPEG": img.draft(None, (reduce_to, reduce_to))
         img.load()
@@ -221,11 +224,6 @@ def _png_size(data:bytes) -> tuple[int, int]|None:
             return size
         elif kind not in _PNG_PLAIN: return None
         pos = end + 4
-
-def _check_size(w:int, h:int, max_pixels:int):
-    "Refuse a header's size before any pixel is decoded: too many pixels, or none."
-    if w * h > max_pixels: raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
-    if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
 
 def verify_image(data:bytes,                # encoded image bytes
                  max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this

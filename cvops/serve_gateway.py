@@ -239,12 +239,13 @@ class Gateway:
     def _account(self, names:list, models:list[ServedModel], xs:list, stats:list, inferred:list, items:list, errors:dict):
         "A request's bookkeeping, per model: metrics, the drift window, the shadow call, the capture."
         try:
+            if self.capture is not None: answered = [it for i, it in enumerate(items) if i not in errors]  # what each model answered
             for slot_name, m, x, st, (r, emb) in zip(names, models, xs, stats, inferred):
                 self._observe(m, r, st)
                 if m.drift is not None and m.task == "classification": self._track_drift(m, r, st, emb)
                 slot = self.slot(slot_name)
                 if slot.challenger is not None and m.task == "classification": self._shadow(slot, x, r)  # shadowing compares top-1 labels
-                if self.capture is not None: self._capture(m, [it for i, it in enumerate(items) if i not in errors], r)
+                if self.capture is not None: self._capture(m, answered, r)
         except Exception: log.exception("the bookkeeping of a request failed (its answer was sent)")
 
     def _track_drift(self, model:ServedModel, ranked, stats, emb):
