@@ -94,7 +94,7 @@ def run_plain(ds, classes, a, precision, spec, deterministic=True):
     "Images/s of a hand-written loop: same backbone, on-device normalising, augmentation, AdamW + one-cycle, same DataLoader."
     import torch, torch.nn.functional as F
     from cvops.loader import normalize_batch
-    from cvops.tasks import augment_batch, build_backbone
+    from cvops.tasks import augment_batch, build_backbone, make_optimizer
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(deterministic); torch.backends.cudnn.benchmark = False  # as Lightning sets them
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -103,7 +103,7 @@ def run_plain(ds, classes, a, precision, spec, deterministic=True):
     if cl: model = model.to(memory_format=torch.channels_last)
     dl = loader(ds, a.batch_size, 0)
     t0 = time.perf_counter()
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.05)
+    opt = make_optimizer(list(model.parameters()), "adamw", a.lr, 0.05)  # the optimiser cvops' tasks build (fused where it can be)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=a.lr, total_steps=max(10, a.epochs * len(dl)), pct_start=0.25)
     gen = torch.Generator().manual_seed(0)
     amp = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
@@ -132,7 +132,7 @@ def run_resident(ds, classes, a, precision, spec, steps=20):
     "The ceiling: images/s of the same model and step on one uint8 batch already on the device (no loader, no copies)."
     import torch, torch.nn.functional as F
     from cvops.loader import normalize_batch
-    from cvops.tasks import augment_batch, build_backbone
+    from cvops.tasks import augment_batch, build_backbone, make_optimizer
     torch.manual_seed(0)
     torch.use_deterministic_algorithms(True); torch.backends.cudnn.benchmark = False  # cvops' default setting
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -140,7 +140,7 @@ def run_resident(ds, classes, a, precision, spec, steps=20):
     cl = dev.type == "cuda"
     if cl: model = model.to(memory_format=torch.channels_last)
     xb, yb = (t.to(dev) for t in ds.__getitems__(list(range(a.batch_size))))
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=0.05)
+    opt = make_optimizer(list(model.parameters()), "adamw", a.lr, 0.05)
     gen = torch.Generator().manual_seed(0)
     amp = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=amp is torch.float16)

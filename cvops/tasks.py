@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'BACKBONES', 'TASKS', 'register_backbone', 'build_backbone', 'load_weights', 'augment_batch', 'decode_split',
-           'VersionDataModule', 'ImageClassifier', 'optimizers']
+           'VersionDataModule', 'ImageClassifier', 'make_optimizer', 'optimizers']
 
 # %% ../nbs/22_tasks.ipynb #38d60f96
 def _torchvision(name:str) -> Callable[[int], nn.Module]:
@@ -207,12 +207,25 @@ class ImageClassifier(L.LightningModule):
 
     def configure_optimizers(self): return optimizers(self)
 
+_FUSED_DEVICES = ("cpu", "cuda")  # where torch has fused AdamW and SGD kernels (and cvops runs them in its tests or benchmarks)
+
+def make_optimizer(params:list,           # the parameters to train, already on their device
+                   name:str="adamw",      # 'adamw', or 'sgd' (momentum 0.9, Nesterov)
+                   lr:float=3e-3,         # learning rate (the schedule's peak)
+                   weight_decay:float=0.05, # decoupled (AdamW) or L2 (SGD) weight decay
+                  ) -> torch.optim.Optimizer:
+    "AdamW or SGD, with torch's fused kernels where the parameters' device has them (the training tasks and `bench/train.py`)."
+    # fused: one kernel over all parameters instead of a Python loop over each tensor. Measured on this machine's 2 CPU
+    # cores, resnet18: an AdamW step 67 → 13 ms, SGD 29 → 10 ms, against 364 ms for a whole 32 px batch of 32
+    fused = bool(params) and all(p.is_floating_point() and p.device.type in _FUSED_DEVICES for p in params)
+    if name == "sgd": return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True, fused=fused or None)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
 def optimizers(module:L.LightningModule): # hparams optimizer, lr, weight_decay, scheduler
     "The optimiser and per-step schedule of a task's module (`configure_optimizers` of every task)."
     h = module.hparams
     params = [p for p in module.parameters() if p.requires_grad]  # a detector may freeze part of its backbone
-    if h.optimizer == "sgd": opt = torch.optim.SGD(params, lr=h.lr, momentum=0.9, weight_decay=h.weight_decay, nesterov=True)
-    else: opt = torch.optim.AdamW(params, lr=h.lr, weight_decay=h.weight_decay)
+    opt = make_optimizer(params, h.optimizer, h.lr, h.weight_decay)
     if h.scheduler == "none": return opt
     steps = max(10, int(module.trainer.estimated_stepping_batches))  # OneCycle's warm-up phase needs a few steps
     if h.scheduler == "cosine": sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
