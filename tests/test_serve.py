@@ -462,6 +462,23 @@ def test_triton_backend_topk_down_and_recovery(assets, triton, tmp_path, protoco
         assert c.get("/readyz").status_code == 200
 
 
+def test_triton_http_backend_answers_concurrent_requests_each_its_own(assets, triton, tmp_path):
+    "Over HTTP the gateway keeps a connection per request in flight: 16 clients at once, every answer that image's own."
+    from concurrent.futures import ThreadPoolExecutor
+    datas = [p.read_bytes() for p in assets["images"][:8]]
+    refs = [reference_topk(assets["a"], d) for d in datas]
+    with Gateway("--model-dir", assets["a"], "--backend", "triton", "--triton-url", triton.http_url, "--triton-protocol", "http",
+                 env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g:
+        def one(i):
+            with client(g, None) as c:
+                return [(j, c.post("/v1/predict", content=datas[j % 8], headers={"content-type": "image/png"})) for j in range(i, i + 8)]
+        with ThreadPoolExecutor(16) as ex: results = [r for rs in ex.map(one, range(16)) for r in rs]
+    assert len(results) == 128
+    for j, r in results:
+        assert r.status_code == 200, r.text
+        assert_topk(r.json()["predictions"], refs[j % 8], eps=1e-4)
+
+
 # -- schemathesis ---------------------------------------------------------------------------------
 
 def test_schemathesis_finds_no_server_errors(gw, tmp_path):
