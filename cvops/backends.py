@@ -233,10 +233,11 @@ class _KeepAlive:
     # (measured on 2 cores against the bundled Triton, 64 px model). tritonclient still writes and reads the protocol.
     def __init__(self, host:str, port:int, idle_max:int=64):
         self.host, self.port, self.idle, self.idle_max = host, port, [], idle_max
+        self._host_header = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal goes in brackets
 
     async def request(self, method:str, path:str, body:bytes=b"", headers:dict|None=None) -> tuple[int, dict, bytes]:
         "(status, lower-cased headers, body) of one request."
-        head = (f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Length: {len(body)}\r\n"
+        head = (f"{method} {path} HTTP/1.1\r\nHost: {self._host_header}\r\nContent-Length: {len(body)}\r\n"
                 + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()) + "\r\n").encode("latin-1")
         while self.idle:
             conn = self.idle.pop()
