@@ -462,6 +462,31 @@ def test_triton_backend_topk_down_and_recovery(assets, triton, tmp_path, protoco
         assert c.get("/readyz").status_code == 200
 
 
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_hung_triton_is_a_503_within_the_timeout_then_recovers(assets, triton, tmp_path, protocol):
+    "Triton paused (SIGSTOP: a real hang, not a fake): the request gets a 503 naming the timeout, not a wait; resumed, answers."
+    import signal
+    url = triton.http_url if protocol == "http" else triton.grpc_url
+    data = assets["images"][0].read_bytes()
+    with Gateway("--model-dir", assets["a"], "--backend", "triton", "--triton-url", url, "--triton-protocol", protocol,
+                 "--triton-timeout", 1, env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g, client(g, None) as c:
+        assert c.post("/v1/predict", content=data, headers={"content-type": "image/png"}).status_code == 200
+        os.kill(triton.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            r = c.post("/v1/predict", content=data, headers={"content-type": "image/png"})
+            took = time.monotonic() - t0
+        finally: os.kill(triton.proc.pid, signal.SIGCONT)
+        assert r.status_code == 503 and "did not answer within 1 s" in r.json()["detail"], r.text
+        assert 0.9 < took < 5, took
+        for _ in range(50):  # the next calls are answered, with the right values
+            r = c.post("/v1/predict", content=data, headers={"content-type": "image/png"})
+            if r.status_code == 200: break
+            time.sleep(0.1)
+        assert r.status_code == 200, r.text
+        assert_topk(r.json()["predictions"], reference_topk(assets["a"], data), eps=1e-4)
+
+
 def test_triton_http_backend_answers_concurrent_requests_each_its_own(assets, triton, tmp_path):
     "Over HTTP the gateway keeps a connection per request in flight: 16 clients at once, every answer that image's own."
     from concurrent.futures import ThreadPoolExecutor
