@@ -197,12 +197,10 @@ class _Upstream(asyncio.Protocol):
     def __init__(self):
         import httptools
         self.parser, self.transport, self.waiter = httptools.HttpResponseParser(self), None, None
-        self.closed = self.answered = self.keep = False
+        self.answered = self.keep = False
 
     def connection_made(self, transport): self.transport = transport
-    def connection_lost(self, exc):
-        self.closed = True
-        self._fail(exc or ConnectionResetError("Triton closed the connection"))
+    def connection_lost(self, exc): self._fail(exc or ConnectionResetError("Triton closed the connection"))
     def data_received(self, data:bytes):
         self.answered = True
         try: self.parser.feed_data(data)
@@ -241,7 +239,7 @@ class _KeepAlive:
                 + "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items()) + "\r\n").encode("latin-1")
         while self.idle:
             conn = self.idle.pop()
-            if conn.closed: continue
+            if conn.transport.is_closing(): continue
             try: return await self._exchange(conn, head, body)
             except ConnectionError:  # closed by the server while idle, before any answer: the request never ran, try again
                 if conn.answered: raise
@@ -251,7 +249,7 @@ class _KeepAlive:
     async def _exchange(self, conn:_Upstream, head:bytes, body:bytes) -> tuple[int, dict, bytes]:
         try: answer = await conn.exchange(head, body)
         except BaseException: conn.transport.close(); raise  # failed or cancelled half-way: its stream is not reusable
-        if conn.keep and not conn.closed and len(self.idle) < self.idle_max: self.idle.append(conn)
+        if conn.keep and not conn.transport.is_closing() and len(self.idle) < self.idle_max: self.idle.append(conn)
         else: conn.transport.close()
         return answer
 
@@ -261,10 +259,9 @@ class _KeepAlive:
 
 def _host_port(url:str, default_port:int) -> tuple[str, int]:
     "('host', port) of 'host:port', '[v6]:port' or 'host'."
-    host, sep, port = url.rpartition(":")
-    if not sep or "]" in port: host, port = url, ""  # no port (or only an IPv6 literal's colons)
-    if port and not port.isdigit(): raise CvopsError(f"triton url must be host:port, got {url!r}")
-    return host.strip("[]") or "127.0.0.1", int(port or default_port)
+    from urllib.parse import urlsplit
+    try: u = urlsplit("//" + url); return u.hostname or "127.0.0.1", u.port or default_port
+    except ValueError: raise CvopsError(f"triton url must be host:port, got {url!r}") from None
 
 class TritonBackend(Backend):
     "A model served by NVIDIA Triton: over gRPC through tritonclient's asyncio client, or over HTTP with Triton's binary tensors."
@@ -310,7 +307,8 @@ class TritonBackend(Backend):
         "One inference request for `names` (tritonclient's `InferResult`); a failure or timeout is `BackendUnavailable`."
         tc, http = self._mod, self.protocol == "http"
         inp = tc.InferInput(self.bundle.input_name, list(batch.shape), "FP32")
-        inp.set_data_from_numpy(batch, binary_data=True) if http else inp.set_data_from_numpy(batch)
+        if http: inp.set_data_from_numpy(batch, binary_data=True)
+        else: inp.set_data_from_numpy(batch)
         out = [tc.InferRequestedOutput(n, binary_data=True) if http else tc.InferRequestedOutput(n) for n in names]
         call = self._http_infer([inp], out) if http else \
             self.client.infer(self.model_name, [inp], model_version=self.model_version, outputs=out)
@@ -329,17 +327,17 @@ class TritonBackend(Backend):
 
     async def ready(self):
         if self.client is None: return False, "Triton client not started"
+        if self.protocol == "http":
+            server_ready = lambda: self._http_ok("/v2/health/ready")
+            model_ready = lambda: self._http_ok(self._model_path + "/ready")
+        else: server_ready, model_ready = self.client.is_server_ready, lambda: self.client.is_model_ready(self.model_name, self.model_version)
         try:
-            if self.protocol == "http":
-                ok = (await asyncio.wait_for(self.client.request("GET", "/v2/health/ready"), 2.0))[0] == 200
-                if ok: ok = (await asyncio.wait_for(self.client.request("GET", self._model_path + "/ready"), 2.0))[0] == 200
-                else: return False, f"{self._where()}: server not ready"
-            else:
-                ok = await asyncio.wait_for(self.client.is_server_ready(), 2.0)
-                if not ok: return False, f"{self._where()}: server not ready"
-                ok = await asyncio.wait_for(self.client.is_model_ready(self.model_name, self.model_version), 2.0)
+            if not await asyncio.wait_for(server_ready(), 2.0): return False, f"{self._where()}: server not ready"
+            ok = await asyncio.wait_for(model_ready(), 2.0)
             return (True, "ok") if ok else (False, f"{self._where()}: model not ready")
         except Exception as e: return False, f"{self._where()} unreachable: {_short(e)}"
+
+    async def _http_ok(self, path:str) -> bool: return (await self.client.request("GET", path))[0] == 200
 
     async def close(self):
         if self.client is not None:
