@@ -52,20 +52,9 @@ stages:
 nbtest:
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
-# One pytest process per test file: FiftyOne connects to one database per process, and each file's fixtures
-# use a throw-away project with its own database. The last line sums up all files.
+# One pytest process per test file, two files at a time (CVOPS_TEST_JOBS=1: one at a time): tests/run_files.py
 pytest:
-	@rm -rf .cvops/test-results; mkdir -p .cvops/test-results; fail=0; \
-	for f in tests/test_*.py; do \
-	  echo "=== $$f"; \
-	  $(BIN)/python -m pytest "$$f" -ra -p no:cacheprovider --junitxml=.cvops/test-results/$$(basename $$f .py).xml || fail=1; \
-	done; \
-	$(BIN)/python -c "import glob, xml.etree.ElementTree as ET; \
-	s = [ET.parse(f).getroot() for f in glob.glob('.cvops/test-results/*.xml')]; \
-	s = [x if x.tag == 'testsuite' else x.find('testsuite') for x in s]; \
-	n = lambda k: sum(int(x.get(k, 0)) for x in s); \
-	print(f\"tests: {n('tests') - n('failures') - n('errors') - n('skipped')} passed, {n('failures') + n('errors')} failed, {n('skipped')} skipped\")"; \
-	exit $$fail
+	$(BIN)/python tests/run_files.py
 
 readme: install
 	$(BIN)/jupyter nbconvert --log-level ERROR --to markdown nbs/index.ipynb --output-dir . --output README
