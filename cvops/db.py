@@ -28,10 +28,38 @@ def fiftyone_dir(cfg:ProjectConfig|None=None) -> Path:
     "The bundled database's directory of a project: `<home>/fiftyone`."
     return (cfg or load_config()).home_dir.resolve() / "fiftyone"
 
+# FiftyOne's service wrapper (`fiftyone/service/main.py`, which starts mongod and keeps it up while any client lives)
+# needs only `fiftyone.service.ipc` and psutil, but importing that module runs `fiftyone/__init__.py`, the whole
+# library: 3.9 of the 4.7 s until mongod listened, measured here. This starter registers the two packages without
+# running their `__init__` files, then runs the wrapper itself unchanged. (If a FiftyOne release made the wrapper import
+# more, the service would fail to start and every database test would say so.)
+_LEAN_WRAPPER = """
+import os, runpy, sys, types
+main = sys.argv[1]
+service = os.path.dirname(main)
+for name, path in (("fiftyone", os.path.dirname(service)), ("fiftyone.service", service)):
+    m = types.ModuleType(name); m.__path__ = [path]; sys.modules[name] = m
+sys.argv = sys.argv[1:]
+runpy.run_path(main, run_name="__main__")
+"""
+
 def _project_db_service(dbdir:Path):
     "Start (or join) a FiftyOne multi-client database service whose name is unique to `dbdir`."
+    import subprocess
+    import sys
+
     import fiftyone.core.service as fos
-    class ProjectDatabaseService(fos.DatabaseService):
+    import psutil
+    class LeanStart(fos.Service):
+        "`Service.start` with `_LEAN_WRAPPER` in front of the wrapper script; everything else as FiftyOne does it."
+        def start(self):
+            main = Path(fos.__file__).resolve().parent.parent / "service" / "main.py"
+            self.child = psutil.Popen([sys.executable, "-c", _LEAN_WRAPPER, str(main), *self._service_args, *self.command],
+                                      cwd=self.working_dir, stdin=subprocess.PIPE,
+                                      env={**os.environ, "FIFTYONE_DISABLE_SERVICES": "1", **self.env})
+    # LeanStart comes after MultiClientService in the method order, so that joining a running service stays
+    # FiftyOne's own (MultiClientService.start) and only its fallback, `super().start()`, lands here
+    class ProjectDatabaseService(fos.DatabaseService, LeanStart):
         service_name = "db-" + hashlib.sha1(str(dbdir).encode()).hexdigest()[:12]
         @property
         def command(self):
