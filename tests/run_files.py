@@ -39,7 +39,7 @@ def _run(f: Path) -> tuple[Path, int, float, str]:
     "One file's pytest process: (file, exit code, seconds, output)."
     t0 = time.perf_counter()
     r = subprocess.run([sys.executable, "-m", "pytest", str(f), "-ra", "-p", "no:cacheprovider",
-                        f"--junitxml={RESULTS / (f.stem + '.xml')}"], cwd=ROOT, stdout=subprocess.PIPE,
+                        f"--junitxml={RESULTS / f'{f.stem}.xml'}"], cwd=ROOT, stdout=subprocess.PIPE,
                        stderr=subprocess.STDOUT, text=True)
     return f, r.returncode, time.perf_counter() - t0, r.stdout
 
@@ -55,8 +55,9 @@ def main() -> int:
     last = {x.stem: _seconds(x) for x in RESULTS.glob("*.xml")}
     # longest first, so that the last file to start is a short one
     files.sort(key=lambda f: (-(last.get(f.stem) or TYPICAL_SECONDS.get(f.stem, 0)), f.name))
-    for x in RESULTS.glob("*.xml"): x.unlink()
     RESULTS.mkdir(parents=True, exist_ok=True)
+    xmls = [RESULTS / f"{f.stem}.xml" for f in files]
+    for x in xmls: x.unlink(missing_ok=True)  # only these: the other files' last times still order a later run
     t0, failed = time.perf_counter(), []
     print(f"{len(files)} test files, {a.jobs} at a time", flush=True)
     with ThreadPoolExecutor(a.jobs) as pool:
@@ -64,7 +65,7 @@ def main() -> int:
             f, rc, secs, out = fut.result()
             print(f"=== {f.relative_to(ROOT)}  ({'exit ' + str(rc) if rc else 'ok'}, {secs:.0f} s)\n{out}", flush=True)
             if rc: failed.append(f.name)
-    s = [x for x in map(_suite, sorted(RESULTS.glob("*.xml"))) if x is not None]
+    s = [x for x in map(_suite, filter(Path.exists, xmls)) if x is not None]
     n = lambda k: sum(int(x.get(k, 0)) for x in s)
     print(f"tests: {n('tests') - n('failures') - n('errors') - n('skipped')} passed, {n('failures') + n('errors')} "
           f"failed, {n('skipped')} skipped in {time.perf_counter() - t0:.0f} s" +
