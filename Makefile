@@ -52,7 +52,7 @@ stages:
 nbtest:
 	$(BIN)/nbdev_test --n_workers 2 --timing
 
-# One pytest process per test file, two files at a time (CVOPS_TEST_JOBS=1: one at a time): tests/run_files.py
+# One pytest process per test file, one file at a time (CVOPS_TEST_JOBS=2: two at a time): tests/run_files.py
 pytest:
 	$(BIN)/python tests/run_files.py
 

@@ -462,6 +462,18 @@ def test_triton_backend_topk_down_and_recovery(assets, triton, tmp_path, protoco
         assert c.get("/readyz").status_code == 200
 
 
+def _wait_stopped(pid: int, timeout: float = 5) -> bool:
+    "Wait until every thread of `pid` is stopped (state T in /proc): a stop signal takes effect thread by thread."
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+            if all(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks): return True
+        except FileNotFoundError: pass  # a thread ended while being read: look again
+        time.sleep(0.01)
+    return False
+
+
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_hung_triton_is_a_503_within_the_timeout_then_recovers(assets, triton, tmp_path, protocol):
     "Triton paused (SIGSTOP: a real hang, not a fake): the request gets a 503 naming the timeout, not a wait; resumed, answers."
@@ -473,11 +485,13 @@ def test_hung_triton_is_a_503_within_the_timeout_then_recovers(assets, triton, t
         assert c.post("/v1/predict", content=data, headers={"content-type": "image/png"}).status_code == 200
         os.kill(triton.proc.pid, signal.SIGSTOP)
         try:
+            stopped = _wait_stopped(triton.proc.pid)  # kill() returns before every thread of the process has stopped
             t0 = time.monotonic()
             r = c.post("/v1/predict", content=data, headers={"content-type": "image/png"})
             took = time.monotonic() - t0
         finally: os.kill(triton.proc.pid, signal.SIGCONT)
-        assert r.status_code == 503 and "did not answer within 1 s" in r.json()["detail"], r.text
+        assert r.status_code == 503 and "did not answer within 1 s" in r.json()["detail"], (
+            r.text, f"Triton's threads stopped: {stopped}", (tmp_path / "gw.log").read_text()[-3000:])
         assert 0.9 < took < 5, took
         for _ in range(50):  # the next calls are answered, with the right values
             r = c.post("/v1/predict", content=data, headers={"content-type": "image/png"})
