@@ -463,13 +463,12 @@ def test_triton_backend_topk_down_and_recovery(assets, triton, tmp_path, protoco
 
 
 def _wait_stopped(pid: int, timeout: float = 5) -> bool:
-    "Wait until every thread of `pid` is stopped (state T in /proc): a stop signal takes effect thread by thread."
+    "Wait until every thread of `pid` is stopped: a stop signal takes effect thread by thread."
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            tasks = os.listdir(f"/proc/{pid}/task")
-            if all(open(f"/proc/{pid}/task/{t}/stat").read().rsplit(")", 1)[1].split()[0] in "Tt" for t in tasks): return True
-        except FileNotFoundError: pass  # a thread ended while being read: look again
+            if all(psutil.Process(t.id).status() == psutil.STATUS_STOPPED for t in psutil.Process(pid).threads()): return True
+        except psutil.NoSuchProcess: pass  # a thread ended while being read: look again
         time.sleep(0.01)
     return False
 
