@@ -23,8 +23,9 @@ from starlette.routing import Match, Route
 from .errors import BackendUnavailable, CvopsError, RequestError
 from .serve_config import ServeSettings
 # the entry point re-exports the names callers use from the gateway's other modules
-from .serve_http import (
-    FORMATS, IMAGE_TYPES, check_api_key, detection_params, image_payloads, json_response, read_body, reload_ref, request_id, top_k_param)
+from cvops.serve_http import (
+    FORMATS, IMAGE_TYPES, HttpProtocol, check_api_key, detection_params, image_payloads, json_response, read_body, reload_ref, request_id,
+    top_k_param)
 from .serve_models import ServedModel, build_backend, bundle_digest, resolve_bundle, same_model
 from .serve_gateway import Gateway, GatewayMetrics
 from .serve_v2 import add_v2_routes
@@ -402,6 +403,6 @@ def serve(settings:ServeSettings, # what and where to serve
     for _, s in settings.served():  # registry lookups and bundle checks before the server starts (cached for the app's startup)
         resolve_bundle(s)
         if s.shadow or s.shadow_dir: resolve_bundle(s, s.shadow, s.shadow_dir)
-    opts = dict(loop="uvloop", http="httptools", access_log=False, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10)
+    opts = dict(loop="uvloop", http=HttpProtocol, access_log=False, log_level=log_level, lifespan="on", timeout_graceful_shutdown=10)
     if settings.workers > 1: return run_workers(settings, "cvops.serve:app_from_env", **opts)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, **opts)

@@ -23,7 +23,7 @@ try: import orjson
 except ImportError: orjson = None  # the `serve` extra installs it; stdlib json is the fallback
 
 # %% auto #0
-__all__ = ['FORMATS', 'IMAGE_TYPES', 'json_response', 'read_body', 'image_payloads', 'request_id', 'top_k_param',
+__all__ = ['FORMATS', 'IMAGE_TYPES', 'json_response', 'HttpProtocol', 'read_body', 'image_payloads', 'request_id', 'top_k_param',
            'detection_params', 'check_api_key', 'reload_ref']
 
 # %% ../nbs/44_serve_http.ipynb #7589a1db
@@ -36,6 +36,35 @@ def _dumps(obj) -> bytes:
 def json_response(obj, status:int=200, headers:dict|None=None) -> Response:
     "A JSON response serialised with orjson."
     return Response(_dumps(obj), status_code=status, media_type="application/json", headers=headers)
+
+# %% ../nbs/44_serve_http.ipynb #04e0c82f
+import asyncio
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+class _OneSend:
+    "A transport that holds a response head back until its body is written, then sends both with one `writelines`."
+    def __init__(self, transport): self._transport, self._head = transport, None
+    def __getattr__(self, name): return getattr(self._transport, name)  # everything else: the real transport
+
+    def write(self, data:bytes):
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.writelines((head, data))
+        elif data[:5] == b"HTTP/" and data[-4:] == b"\r\n\r\n":  # a head alone: its body normally follows in this turn
+            self._head = data
+            asyncio.get_running_loop().call_soon(self._flush)  # if not (a HEAD answer, a stream), it leaves at the next turn
+        else: self._transport.write(data)
+
+    def _flush(self):
+        if self._head is not None:
+            head, self._head = self._head, None
+            self._transport.write(head)
+
+    def close(self): self._flush(); self._transport.close()
+
+class HttpProtocol(HttpToolsProtocol):
+    "uvicorn's httptools protocol, sending each response's head and body in one write."
+    def connection_made(self, transport): super().connection_made(_OneSend(transport))
 
 # %% ../nbs/44_serve_http.ipynb #dbebe2d6
 async def read_body(request:Request, # the incoming request

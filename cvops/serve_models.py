@@ -17,7 +17,7 @@ from PIL import Image
 from .backends import Backend, make_backend
 from .bundle import ModelBundle
 from .drift import DriftPolicy, DriftWindow
-from .preprocess import image_statistics, normalize, resize_to, softmax
+from .preprocess import normalize, resize_to, softmax
 from .serve_config import ServeSettings
 from .store import sha256_file
 
@@ -74,6 +74,7 @@ class ServedModel:
         self._idle = asyncio.Event(); self._idle.set()
         self.size = bundle.spec.size
         self.classes = np.asarray(bundle.classes)
+        self._labels = [str(c) for c in bundle.classes]  # indexed per answer: a list is quicker than the array
         self.task = bundle.task  # classification: top-k labels per image; detection: boxes (see `detect`)
         self.drift: DriftWindow|None = None  # live drift against the bundle's reference (champions whose bundle has one)
         self.scoring = False                 # a drift score is being computed off the request path
@@ -119,11 +120,10 @@ class ServedModel:
             if self.active == 0: self._idle.set()
 
     def prepare(self, img:Image.Image,       # the decoded image (possibly at reduced scale)
-                size:tuple[int, int],        # (width, height) of the image as it arrived
-               ) -> tuple[np.ndarray, dict]:
-        "Model input (3,S,S) and input statistics of one decoded image (statistics on the resized image: cheap, bounded)."
+               ) -> tuple[np.ndarray, np.ndarray]:
+        "Model input (3,S,S) and the pixels at the model's size (S,S,3 uint8), whose statistics are taken after the answer."
         small = resize_to(img, self.bundle.spec)  # the shared decode path's resize (cvops.preprocess)
-        return normalize(small, self.bundle.spec), image_statistics(small, size)
+        return normalize(small, self.bundle.spec), small
 
     @property
     def answer_key(self) -> str: return "detections" if self.task == "detection" else "predictions"  # per image, in answers
@@ -148,9 +148,9 @@ class ServedModel:
     def topk(self, logits:np.ndarray, k:int) -> list[list[dict]]:
         "Softmax probabilities → the k best labels with scores, per row."
         p = softmax(logits)
-        k = min(k, p.shape[1])
-        idx = np.argsort(-p, axis=1, kind="stable")[:, :k]
-        return [[{"label": str(self.classes[j]), "score": float(row[j])} for j in ix] for row, ix in zip(p, idx)]
+        k, labels = min(k, p.shape[1]), self._labels
+        idx = np.argsort(-p, axis=1, kind="stable")[:, :k].tolist()
+        return [[{"label": labels[j], "score": row[j]} for j in ix] for row, ix in zip(p.tolist(), idx)]
 
 def same_model(served:ServedModel|None, # what a role serves now (None: nothing yet)
                bundle:ModelBundle,      # what it should serve
