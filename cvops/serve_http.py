@@ -23,8 +23,8 @@ try: import orjson
 except ImportError: orjson = None  # the `serve` extra installs it; stdlib json is the fallback
 
 # %% auto #0
-__all__ = ['FORMATS', 'IMAGE_TYPES', 'json_response', 'HttpProtocol', 'read_body', 'image_payloads', 'request_id', 'top_k_param',
-           'detection_params', 'check_api_key', 'reload_ref']
+__all__ = ['FORMATS', 'IMAGE_TYPES', 'json_response', 'HttpProtocol', 'single_client', 'read_body', 'image_payloads',
+           'request_id', 'top_k_param', 'detection_params', 'check_api_key', 'reload_ref']
 
 # %% ../nbs/44_serve_http.ipynb #7589a1db
 FORMATS = ("JPEG", "PNG", "WEBP")  # image formats the gateway decodes (others: 415)
@@ -63,8 +63,20 @@ class _OneSend:
     def close(self): self._flush(); self._transport.close()
 
 class HttpProtocol(HttpToolsProtocol):
-    "uvicorn's httptools protocol, sending each response's head and body in one write."
-    def connection_made(self, transport): super().connection_made(_OneSend(transport))
+    "uvicorn's httptools protocol, sending each response's head and body in one write, and counting the open connections."
+    open_connections = 0  # in this process
+
+    def connection_made(self, transport):
+        HttpProtocol.open_connections += 1
+        super().connection_made(_OneSend(transport))
+
+    def connection_lost(self, exc):
+        HttpProtocol.open_connections -= 1
+        super().connection_lost(exc)
+
+def single_client() -> bool:
+    "Is this process serving exactly one connection? Then a request has no company: HTTP/1.1 answers a connection's requests in turn."
+    return HttpProtocol.open_connections == 1  # 0: not served through `HttpProtocol` (an in-process test client): unknown
 
 # %% ../nbs/44_serve_http.ipynb #dbebe2d6
 async def read_body(request:Request, # the incoming request

@@ -19,6 +19,7 @@ from .bundle import ModelBundle
 from .drift import DriftPolicy, DriftWindow
 from .preprocess import normalize, resize_to, softmax
 from .serve_config import ServeSettings
+from .serve_http import single_client
 from .store import sha256_file
 
 # %% auto #0
@@ -57,7 +58,8 @@ def build_backend(bundle:ModelBundle, settings:ServeSettings) -> Backend:
         return make_backend(bundle, "triton", url=settings.triton_url, protocol=settings.triton_protocol,
                             model_name=settings.triton_model, timeout_s=settings.triton_timeout)
     return make_backend(bundle, "onnxruntime", batching=settings.batching, max_batch=settings.max_batch,
-                        max_delay_ms=settings.max_delay_ms, threads=settings.threads, processes=settings.workers)
+                        max_delay_ms=settings.max_delay_ms, threads=settings.threads, processes=settings.workers,
+                        single_client=single_client)
 
 # %% ../nbs/45_serve_models.ipynb #1d7ae244
 def bundle_digest(bundle:ModelBundle) -> str:
