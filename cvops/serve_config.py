@@ -41,7 +41,8 @@ class ServeSettings(Params):
     backend: Literal["onnxruntime", "triton"] = Field("onnxruntime", description="where the model runs")
     triton_url: str = Field("127.0.0.1:8001", description="Triton address host:port (its gRPC port; its HTTP port with --triton-protocol http)")
     # gRPC by default, Triton's usual client protocol. Measured here since HTTP rides keep-alive connections (`backends._KeepAlive`):
-    # both add 1.3-2.0 ms to a direct tritonclient call, HTTP with a little less gateway CPU (3.5-4.0 vs 3.6-4.3 ms a request)
+    # HTTP adds 0.23-0.28 ms to a direct tritonclient call, gRPC 0.44-0.53 ms (on slower days of this VM: 0.72 vs 1.1 ms);
+    # HTTP is the quicker here (its request and answer are written and read in this process, see `backends._binary_outputs`)
     triton_protocol: Literal["http", "grpc"] = Field("grpc", description="protocol to talk to Triton")
     triton_model: str|None = Field(None, description="model name in Triton (default: the served model's name)")
     triton_timeout: float = Field(10.0, gt=0, description="seconds a Triton call may take before the request gets a 503")
