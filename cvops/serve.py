@@ -23,9 +23,9 @@ from starlette.routing import Match, Route
 from .errors import BackendUnavailable, CvopsError, RequestError
 from .serve_config import ServeSettings
 # the entry point re-exports the names callers use from the gateway's other modules
-from cvops.serve_http import (
-    FORMATS, IMAGE_TYPES, HttpProtocol, check_api_key, detection_params, image_payloads, json_response, read_body, reload_ref, request_id,
-    top_k_param)
+from .serve_http import (
+    FORMATS, IMAGE_TYPES, check_api_key, detection_params, image_payloads, json_response, read_body, reload_ref, request_id, top_k_param)
+from .serve_http import HttpProtocol
 from .serve_models import ServedModel, build_backend, bundle_digest, resolve_bundle, same_model
 from .serve_gateway import Gateway, GatewayMetrics
 from .serve_v2 import add_v2_routes

@@ -5,6 +5,7 @@
 # %% ../nbs/44_serve_http.ipynb #377b8d10
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hmac
@@ -15,6 +16,7 @@ import uuid
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import Response
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from .errors import RequestError
 from .serve_config import ServeSettings
@@ -38,9 +40,6 @@ def json_response(obj, status:int=200, headers:dict|None=None) -> Response:
     return Response(_dumps(obj), status_code=status, media_type="application/json", headers=headers)
 
 # %% ../nbs/44_serve_http.ipynb #04e0c82f
-import asyncio
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-
 class _OneSend:
     "A transport that holds a response head back until its body is written, then sends both with one `writelines`."
     def __init__(self, transport): self._transport, self._head = transport, None
