@@ -308,8 +308,7 @@ class TritonBackend(Backend):
 
     async def load(self):
         if self.protocol == "http":
-            import orjson  # the inference header, both ways
-            self._json, self.client = orjson, _KeepAlive(*_host_port(self.url, 8000))
+            self.client = _KeepAlive(*_host_port(self.url, 8000))
         else:
             import tritonclient.grpc.aio as tc
             self._mod, self.client = tc, tc.InferenceServerClient(self.url, channel_args=_GRPC_CHANNEL)
@@ -346,8 +345,9 @@ class TritonBackend(Backend):
         "Triton's HTTP infer with binary tensors, both ways: a JSON header, then the raw bytes of each tensor."
         # Why by hand: tritonclient's request body and `InferResult` copied the input twice and took 0.1 ms of the event
         # loop per call at one client on 2 cores; the format is a JSON header and little-endian arrays, one after another
+        import orjson
         x = np.ascontiguousarray(batch, np.float32)
-        header = self._json.dumps({"inputs": [{"name": self.bundle.input_name, "shape": list(x.shape), "datatype": "FP32",
+        header = orjson.dumps({"inputs": [{"name": self.bundle.input_name, "shape": list(x.shape), "datatype": "FP32",
                                                "parameters": {"binary_data_size": x.nbytes}}],
                                    "outputs": [{"name": n, "parameters": {"binary_data": True}} for n in names]})
         headers = {"Content-Type": "application/octet-stream", "Inference-Header-Content-Length": len(header)}

@@ -227,7 +227,7 @@ class Gateway:
     async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int, seen:list, detect:dict|None=None) -> tuple[list, np.ndarray|None]:
         "Per image: top-k labels (or boxes); and the embeddings when the model tracks drift."
         t0 = time.perf_counter()
-        if model.task == "detection":  # boxes back in pixels of each image as it arrived (its size is in the statistics)
+        if model.task == "detection":  # boxes back in pixels of each image as it arrived (its size is in `seen`)
             out = await model.backend.infer(x)
             self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
             return model.detect(out, [size for size, _ in seen], **(detect or {})), None

@@ -75,8 +75,7 @@ class ServedModel:
         self.active = 0
         self._idle = asyncio.Event(); self._idle.set()
         self.size = bundle.spec.size
-        self.classes = np.asarray(bundle.classes)
-        self._labels = [str(c) for c in bundle.classes]  # indexed per answer: a list is quicker than the array
+        self.classes = [str(c) for c in bundle.classes]  # indexed per answer: a list, quicker than an array
         self.task = bundle.task  # classification: top-k labels per image; detection: boxes (see `detect`)
         self.drift: DriftWindow|None = None  # live drift against the bundle's reference (champions whose bundle has one)
         self.scoring = False                 # a drift score is being computed off the request path
@@ -141,7 +140,7 @@ class ServedModel:
             keep = np.flatnonzero(scores >= score_threshold)
             keep = keep[np.argsort(-scores[keep], kind="stable")][:max_detections]
             rel = np.asarray(boxes, np.float64)[keep] / S  # the S×S input stretches each axis: relative boxes carry over
-            out.append([{"label": str(self.classes[int(labels[i]) - 1]), "score": float(scores[i]),  # label i + 1 is class i
+            out.append([{"label": self.classes[int(labels[i]) - 1], "score": float(scores[i]),  # label i + 1 is class i
                          "box": [float(x1 * w), float(y1 * h), float(x2 * w), float(y2 * h)],
                          "box_normalized": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]}
                         for i, (x1, y1, x2, y2) in zip(keep, rel)])
@@ -150,7 +149,7 @@ class ServedModel:
     def topk(self, logits:np.ndarray, k:int) -> list[list[dict]]:
         "Softmax probabilities → the k best labels with scores, per row."
         p = softmax(logits)
-        k, labels = min(k, p.shape[1]), self._labels
+        k, labels = min(k, p.shape[1]), self.classes
         idx = np.argsort(-p, axis=1, kind="stable")[:, :k].tolist()
         return [[{"label": labels[j], "score": row[j]} for j in ix] for row, ix in zip(p.tolist(), idx)]
 

@@ -3,7 +3,7 @@
 One process per file: FiftyOne connects to one database per process, and each file's fixtures use a throw-away
 project with its own database. With `--jobs 2` files run two at a time, longest first (the last run's times): much of
 a file's time is spent waiting (a mongod, a kernel, a server or Chromium starting), so on 2 cores the whole run takes
-about half as long. It is not the default yet: one of four such runs here failed the hung-Triton test of
+about half as long. It is not the default yet: one of five such runs here failed the hung-Triton test of
 test_serve.py (a 200 where Triton was paused), which has never failed one file at a time. Each file's output is
 printed whole when it ends."""
 import argparse
