@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class OnnxBackend(Backend):
         self.session = self._lone = self._queue = self._worker = self._pool = None
         self._inflight = self._waiting = 0
         self._one_s = None  # recent time of a one-image call (EWMA), for the inline decision
+        self.lone_ms = None # one-image call times (ms) of the main and the spinning session, when both were tried
         self.batch_sizes: list[int] = []  # recent call sizes (for metrics), trimmed by the reader
         self.on_batch = None              # optional callback(n_images) after each call
         self.embedding = False            # also return the embedding output (set before `load`; see `infer_embedding`)
@@ -80,9 +82,10 @@ class OnnxBackend(Backend):
             raise
         if await loop.run_in_executor(self._pool, self._warm_up, self.session) and self._one_s < self.inline_s \
                 and self.lone_threads > self.session.get_session_options().intra_op_num_threads:
-            # idle cores: a lone request is answered fastest by all of them, spinning (a woken thread costs more than the work)
-            self._lone = await loop.run_in_executor(self._pool, self.bundle.session, self.lone_threads, True)
-            await loop.run_in_executor(self._pool, self._warm_up, self._lone)
+            # idle cores may answer a lone request sooner, all of them spinning (a woken thread costs more than the work):
+            # kept only where measured clearly quicker, as a small model's work split in two often costs more than it saves
+            lone = await loop.run_in_executor(self._pool, self.bundle.session, self.lone_threads, True)
+            self._lone = await loop.run_in_executor(self._pool, self._quicker, lone)
         if self.batching:
             self._queue = asyncio.Queue()
             self._worker = asyncio.create_task(self._gather(), name=f"batcher-{self.bundle.name}")
@@ -96,6 +99,24 @@ class OnnxBackend(Backend):
         except Exception as e:  # a request will show the problem with its own error; serving starts regardless
             log.warning("warm-up call of %s failed: %s", self.bundle.name, e); self._one_s = None
         return self._one_s is not None
+
+    def _quicker(self, lone,            # a session with more threads, spinning, for lone requests
+                 calls:int=15,          # one-image calls on each session, interleaved
+                 gain:float=0.9,        # kept if its median time is under this × the main session's
+                ):
+        "`lone` if its one-image calls are clearly quicker than the main session's, else None (and it is dropped)."
+        if not self._warm_up(lone): return None
+        x, times = np.zeros((1, 3, self.bundle.spec.size, self.bundle.spec.size), np.float32), ([], [])
+        for _ in range(calls):
+            for s, t in zip((self.session, lone), times):
+                t0 = time.perf_counter(); self._run(x, s); t.append(time.perf_counter() - t0)
+        main, alt = map(statistics.median, times)
+        self.lone_ms = {"main": main * 1000, "lone": alt * 1000}
+        keep = alt < gain * main
+        self._one_s = alt if keep else main
+        log.info("%s: lone requests on %s (one image: %.2f ms on %d spinning threads, %.2f ms on the main session)", self.bundle.name,
+                 f"{self.lone_threads} spinning threads" if keep else "the main session", alt * 1000, self.lone_threads, main * 1000)
+        return lone if keep else None
 
     def _run(self, x:np.ndarray, session=None) -> np.ndarray|list:
         t0, s = time.perf_counter(), session or self.session
