@@ -13,11 +13,13 @@ asyncio + uvloop at 16) in this process; each gateway runs in its own. All share
 beside a server would, and all paths are measured in interleaved rounds so that load from other processes (this
 machine is shared) falls on each of them alike.
 
-- against peers, all driven by the same compiled load generator (`hey`, started by the bench): a naive FastAPI +
+- against peers, all driven by the same compiled load generators (`hey`, and `wrk` for the side-by-side latency at one
+  client, whose 10 µs steps resolve what hey's 0.1 ms steps do not; both started by the bench): a naive FastAPI +
   ONNX Runtime app and LitServe 0.2.19 in its batched config (max_batch 8, 10 ms, fast_queue; JSON base64 body, as
-  LitServe takes it) serving the same ONNX model, and the cvops gateway, on a 64 px JPEG and a 12 MP phone-size
-  JPEG (4032 × 3024, generated); gateway → Triton against a direct tritonclient call to the same Triton; and
-  reduced-scale JPEG decoding against full decoding on held-out large photos (top-1 agreement, printed).
+  LitServe takes it) serving the same ONNX model, and the cvops gateway, on a 64 px JPEG at 1, 16 and 64 clients and
+  a 12 MP phone-size JPEG (4032 × 3024, generated) at 1 and 4; gateway → Triton against a direct tritonclient call to
+  the same Triton; and reduced-scale JPEG decoding against full decoding on held-out large photos (top-1 agreement,
+  printed).
 
     .venv/bin/python bench/serve.py [--backbone mobilenet_v3_small] [--size 64] [--rounds 6] [--block 100] [--only-peers] [--only-detection]
 
@@ -261,6 +263,24 @@ def hey(url: str, body: Path, ctype: str, n: int, c: int) -> dict:
     return {"req_s": rps, "p50_ms": q.get(50), "p99_ms": q.get(99), "codes": codes}
 
 
+def wrk_c1(url: str, body: Path, ctype: str, seconds: float) -> dict:
+    "Run wrk (Debian's C load generator) on one connection for `seconds`, POSTing `body`: p50 ms in wrk's 10 µs steps, requests/s, failures."
+    import subprocess
+    script = body.with_suffix(".lua")  # wrk takes a request body only from a Lua script
+    if not script.exists():
+        script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "{ctype}"\n'
+                          f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
+    out = subprocess.run(["/usr/bin/wrk", "-t1", "-c1", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    m = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)
+    if m is None: raise RuntimeError(f"wrk printed no latency distribution:\n{out}")
+    p50 = float(m.group(1)) * {"us": 1e-3, "ms": 1.0, "s": 1e3}[m.group(2)]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    return {"p50_ms": p50, "req_s": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+            "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": sum(map(int, errors.groups())) if errors else 0}
+
+
 def _median_run(runs: list[dict]) -> dict:
     "Per figure, the median over the runs (req/s and p50 each on their own), with every run kept."
     out = {}
@@ -306,7 +326,7 @@ def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int, runs: int = 
                 out["servers"][name] = {"error": str(e)}; print(f"  {name}: {e}", flush=True); continue
             try:
                 r = {}
-                for payload, n, cs in (("small", small_n, (1, 16)), ("big", big_n, (1, 4))):
+                for payload, n, cs in (("small", small_n, (1, 16, 64)), ("big", big_n, (1, 4))):
                     body, ctype = files[payload][kind]
                     hey(s.url + path, body, ctype, max(20, n // 10), cs[-1])  # warm-up
                     for c in cs: r[f"{payload}_c{c}"] = hey(s.url + path, body, ctype, n if c > 1 else max(20, n // 4), c)
@@ -320,24 +340,30 @@ def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int, runs: int = 
     # c1 latency of the two side by side: this VM's speed swings by up to 1.5 ms of p50 over minutes, so the servers
     # alone one after the other differ by luck; up at once (an idle server costs nothing) and alternating short runs, they do not
     pair = {k: servers[k] for k in ("naive FastAPI + ORT", "cvops gateway")}
-    out["small_c1_interleaved"] = c1_interleaved(pair, files["small"], rounds=3 * runs, n=max(100, small_n // 6))
+    out["small_c1_interleaved"] = c1_interleaved(pair, files["small"], rounds=4 * runs)
     return out
 
 
-def c1_interleaved(servers: dict, files: dict, rounds: int, n: int) -> dict:
-    "c1 p50 of servers up at once, measured in alternating hey runs of `n` requests: per server the median over rounds, and the median per-round difference (second − first)."
-    started, p50 = {}, {name: [] for name in servers}
+def c1_interleaved(servers: dict, files: dict, rounds: int, seconds: float = 2.0) -> dict:
+    """c1 p50 of servers up at once, measured in alternating wrk runs of `seconds`: per server the median over rounds, and
+    the median per-round difference (second − first). wrk, not hey: hey prints latencies in 0.1 ms steps, as large as
+    the difference measured; wrk in 10 µs steps."""
+    started, p50, failed = {}, {name: [] for name in servers}, 0
     try:
         for name, (start, path, kind) in servers.items(): started[name] = (start(), path, kind)
-        for s, path, kind in started.values(): hey(s.url + path, *files[kind], 100, 1)  # warm-up
+        for s, path, kind in started.values(): wrk_c1(s.url + path, *files[kind], 1)  # warm-up
         for _ in range(rounds):
-            for name, (s, path, kind) in started.items(): p50[name].append(hey(s.url + path, *files[kind], n, 1)["p50_ms"])
+            for name, (s, path, kind) in started.items():
+                r = wrk_c1(s.url + path, *files[kind], seconds)
+                p50[name].append(r["p50_ms"]); failed += r["non_2xx"] + r["socket_errors"]
     finally:
         for s, _, _ in started.values(): s.stop()
     first, second = p50.values()
     out = {name: {"p50_ms": statistics.median(v), "rounds_p50_ms": v} for name, v in p50.items()}
     out["difference_ms"] = statistics.median(b - a for a, b in zip(first, second))
-    print("  c1 side by side, p50 ms per round: " + "; ".join(f"{k} {v}" for k, v in p50.items()) + f"; median difference {out['difference_ms']:.2f}", flush=True)
+    out["failed_requests"] = failed
+    print("  c1 side by side (wrk), p50 ms per round: " + "; ".join(f"{k} {v}" for k, v in p50.items())
+          + f"; median difference {out['difference_ms']:.3f}" + (f"; {failed} FAILED requests" if failed else ""), flush=True)
     return out
 
 
@@ -463,6 +489,8 @@ def peers_main(a, tmp, bundle, jpegs, res):
     rows.append(("64 px JPEG c16 req/s: cvops ÷ LitServe", ratio(get(cv, "small_c16", "req_s"), get(ls_, "small_c16", "req_s")), "≥ 1.3×", TARGETS["small_c16_vs_litserve"], "ge"))
     rows.append(("64 px JPEG c16 req/s: cvops ÷ naive", ratio(get(cv, "small_c16", "req_s"), get(nv, "small_c16", "req_s")), "≥ 1.2×", TARGETS["small_c16_vs_naive"], "ge"))
     side = res["peers"].get("small_c1_interleaved", {})
+    rows.append(("64 px JPEG c64 req/s: cvops ÷ LitServe", ratio(get(cv, "small_c64", "req_s"), get(ls_, "small_c64", "req_s")), "", None, "ge"))
+    rows.append(("64 px JPEG c64 req/s: cvops ÷ naive", ratio(get(cv, "small_c64", "req_s"), get(nv, "small_c64", "req_s")), "", None, "ge"))
     rows.append(("64 px JPEG c1 p50: cvops − naive, side by side (ms)", side.get("difference_ms"), "≤ 0 ms", 0.0, "le"))
     rows.append(("   the same, from the runs one after the other (ms)", (get(cv, "small_c1", "p50_ms") or 0) - (get(nv, "small_c1", "p50_ms") or 0), "", None, "le"))
     wk = WORKERS  # the same targets, for the multi-process gateway
@@ -480,10 +508,10 @@ def peers_main(a, tmp, bundle, jpegs, res):
     rows.append(("gateway RSS MB (one model)", S.get(cv, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
     rows.append(("gateway RSS MB, two models in one process", res.get("rss_two_models_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
     rows.append(("gateway RSS MB per worker (largest, one model)", S.get(wk, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))
-    print("\n{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}".format("server", "64px c1", "p50 ms", "64px c16", "12MP c1", "p50 ms", "12MP c4"))
+    print("\n{:<32} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}".format("server", "64px c1", "p50 ms", "64px c16", "64px c64", "12MP c1", "p50 ms", "12MP c4"))
     for name, r in S.items():
         if "error" in r: print(f"{name:<32} {r['error']}"); continue
-        print(f"{name:<32} {r['small_c1']['req_s']:>10.0f} {r['small_c1']['p50_ms']:>10.1f} {r['small_c16']['req_s']:>10.0f} "
+        print(f"{name:<32} {r['small_c1']['req_s']:>10.0f} {r['small_c1']['p50_ms']:>10.1f} {r['small_c16']['req_s']:>10.0f} {r['small_c64']['req_s']:>10.0f} "
               f"{r['big_c1']['req_s']:>10.1f} {r['big_c1']['p50_ms']:>10.1f} {r['big_c4']['req_s']:>10.1f}")
     d = res.get("draft")
     if d: print(f"\nreduced-scale decoding on {d['n']} held-out 1024x768 photos: agreement {d['agreement']:.1%} ({d['flipped']} flipped, top-2 gap of "
@@ -507,7 +535,7 @@ def main():
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--only-peers", action="store_true", help="only the peer comparison, the Triton difference and the decoding agreement")
     ap.add_argument("--no-peers", action="store_true", help="skip the peer comparison")
-    ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 (a quarter at 1)")
+    ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 and 64 (a quarter at 1)")
     ap.add_argument("--peer-runs", type=int, default=3, help="rounds of the peer comparison (medians are reported)")
     ap.add_argument("--only-triton", action="store_true", help="only the gateway→Triton vs direct tritonclient figure")
     ap.add_argument("--no-draft", action="store_true", help="skip the decoding agreement (it exports a resnet18)")
