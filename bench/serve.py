@@ -478,7 +478,7 @@ def peers_main(a, tmp, bundle, jpegs, res):
     res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests, a.peer_runs)
     res["rss_two_models_mb"] = two_model_rss(bundle, tmp)
     if not a.no_triton:
-        res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
+        res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.triton_requests)
     if not a.no_draft: res["draft"] = draft_figures(tmp, a.draft_photos)
     S, rows = res["peers"]["servers"], []
     get = lambda s, k, f: S.get(s, {}).get(k, {}).get(f)
@@ -538,6 +538,7 @@ def main():
     ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 and 64 (a quarter at 1)")
     ap.add_argument("--peer-runs", type=int, default=3, help="rounds of the peer comparison (medians are reported)")
     ap.add_argument("--only-triton", action="store_true", help="only the gateway→Triton vs direct tritonclient figure")
+    ap.add_argument("--triton-requests", type=int, default=400, help="calls per path and protocol for the gateway→Triton vs direct figure")
     ap.add_argument("--no-draft", action="store_true", help="skip the decoding agreement (it exports a resnet18)")
     ap.add_argument("--big-requests", type=int, default=60, help="hey requests per 12 MP run at concurrency 4 (a quarter at 1)")
     ap.add_argument("--draft-photos", type=int, default=200, help="held-out large photos for the decoding agreement")
@@ -563,7 +564,7 @@ def main():
     print(f"model {a.backbone} at {a.size} px; {len(jpegs)} JPEGs of ~{res['model']['jpeg_bytes_mean']} B; load average {os.getloadavg()[0]:.1f} "
           f"on {os.cpu_count()} cores", flush=True)
     if a.only_triton:
-        res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.block)
+        res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.triton_requests)
         return _write(res, a.out)
     if a.only_peers:
         peers_main(a, tmp, bundle, jpegs, res)
