@@ -10,7 +10,7 @@ meta = cfg["DEFAULT"]
 readme = Path(__file__).parent / "README.md"
 
 # Base: what `cvops --help`, config, the artifact store and the synthetic generator need.
-base = ["pydantic>=2.6", "pyyaml>=6", "fsspec>=2024.2", "numpy>=1.26", "pillow>=10", "click>=8.1",
+base = ["pydantic>=2.6", "pyyaml>=6", "fsspec>=2024.2", "numpy>=1.26", "pillow>=10", "simplejpeg>=1.7", "click>=8.1",
         "filelock>=3.12", "rich>=13", "tqdm>=4.66"]
 # The gateway image installs only this: no torch, no FiftyOne.
 serve = ["fastapi>=0.110,<0.164", "uvicorn[standard]>=0.29", "onnxruntime>=1.18", "tritonclient[http,grpc]>=2.41",

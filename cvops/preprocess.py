@@ -6,9 +6,11 @@
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from .errors import ImageError, ImageTooLargeError, UnsupportedImageError
@@ -48,6 +50,57 @@ def _check_size(w:int, h:int, max_pixels:int):
     if w * h > max_pixels: raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
     if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
 
+def _jpeg_plain(data:bytes) -> bool:
+    """Whether a JPEG is one Pillow would read as a plain upright JPEG: its segments before the pixels walk cleanly, its
+    EXIF orientation (Pillow falls back to XMP's when EXIF has none) turns nothing, and it is not a multi-picture file
+    (Pillow's MPO). Written by hand because it runs on every served image: a dozen segments, a few µs."""
+    n, pos, exif, xmp = len(data), 2, None, False
+    while pos + 4 <= n and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF: pos += 1; continue                   # fill byte
+        if marker == 0xDA:                                       # start of scan: the pixels follow
+            return exif != -1 and exif not in range(2, 9) and not (exif is None and xmp)
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2 or marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7: return False
+        body = data[pos + 4:pos + 2 + length]
+        if marker == 0xE1 and exif is None and body[:6] == b"Exif\0\0": exif = _tiff_orientation(body[6:])
+        elif marker == 0xE1 and body.startswith(b"http://ns.adobe.com/xap/1.0/"): xmp = True
+        elif marker == 0xE2 and body[:4] == b"MPF\0": return False
+        pos += 2 + length
+    return False
+
+def _tiff_orientation(tiff:bytes) -> int|None:
+    "The orientation tag of an EXIF block's first IFD: None without one, -1 when the block cannot be read."
+    e = {b"II*\0": "<", b"MM\0*": ">"}.get(tiff[:4])
+    if e is None: return -1
+    try:
+        ifd = struct.unpack_from(e + "I", tiff, 4)[0]
+        for i in range(struct.unpack_from(e + "H", tiff, ifd)[0]):
+            if struct.unpack_from(e + "H", tiff, ifd + 2 + 12 * i)[0] == 0x0112:
+                return struct.unpack_from(e + "H", tiff, ifd + 2 + 12 * i + 8)[0]
+    except struct.error: return -1
+    return None
+
+def _decode_jpeg_fast(data:bytes, max_pixels:int, reduce_to:int|None) -> tuple[Image.Image, tuple[int, int]]|None:
+    """A plain JPEG through simplejpeg (libjpeg-turbo's own API: header and pixels without Pillow's marker parsing in
+    Python, 26 against 70 µs for a 64 px JPEG, 18 against 27 ms for a 12 MP photo at 1/8): the very pixels Pillow
+    decodes, at the scale Pillow's `draft` picks (tests compare them). None for anything else (CMYK, turned, odd or
+    broken files): Pillow reads those, with its own checks and messages."""
+    if not _jpeg_plain(data): return None
+    try: h, w, colour, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError: return None
+    if colour not in ("Gray", "YCbCr", "RGB"): return None
+    _check_size(w, h, max_pixels)
+    s = 1
+    if reduce_to:  # Pillow's draft: the largest of 1/8, 1/4, 1/2 keeping both sides ≥ reduce_to
+        scale = min(w // reduce_to, h // reduce_to)
+        s = next((s for s in (8, 4, 2) if scale >= s), 1)
+    want = ((w + s - 1) // s, (h + s - 1) // s)
+    try: a = simplejpeg.decode_jpeg(data, "RGB", min_height=want[1], min_width=want[0], strict=True)
+    except ValueError: return None
+    if (a.shape[1], a.shape[0]) != want: return None  # another scale than Pillow's: let Pillow decode
+    return Image.fromarray(a, "RGB"), (w, h)
+
 def decode_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP, …)
                  max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
                  formats:tuple[str,...]|None=None, # accepted Pillow formats, e.g. ('JPEG', 'PNG', 'WEBP'); None: any
@@ -55,6 +108,8 @@ def decode_image(data:bytes,                # encoded image bytes (JPEG, PNG, We
                 ) -> tuple[Image.Image, tuple[int, int]]: # an upright RGB image; the upright (width, height) as sent
     "Decode bytes into an upright RGB image and the size the image has as sent (upright, before any reduced-scale decode), or raise `ImageError`."
     if not data: raise ImageError("empty image: the body has no bytes")
+    if data[:3] == b"\xff\xd8\xff" and (formats is None or "JPEG" in formats) and (fast := _decode_jpeg_fast(data, max_pixels, reduce_to)):
+        return fast
     try:
         # our own pixel cap is checked from the header, before decoding; Pillow's bomb guard stays as a backstop
         # (no warnings.catch_warnings here: it is not thread-safe, and ingest decodes in threads)
