@@ -10,10 +10,12 @@ import struct
 from pathlib import Path
 
 import numpy as np
-import simplejpeg
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field
 from .errors import ImageError, ImageTooLargeError, UnsupportedImageError
+
+try: import simplejpeg  # a base requirement; where it is missing (the lent GPU machine) Pillow decodes: the same pixels, slower
+except ImportError: simplejpeg = None
 
 # %% auto #0
 __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'MAX_PIXELS', 'DRAFT_MARGIN', 'PreprocessSpec', 'decode_image', 'load_image',
@@ -86,7 +88,7 @@ def _decode_jpeg_fast(data:bytes, max_pixels:int, reduce_to:int|None) -> tuple[I
     Python, 26 against 70 µs for a 64 px JPEG, 18 against 27 ms for a 12 MP photo at 1/8): the very pixels Pillow
     decodes, at the scale Pillow's `draft` picks (tests compare them). None for anything else (CMYK, turned, odd or
     broken files): Pillow reads those, with its own checks and messages."""
-    if not _jpeg_plain(data): return None
+    if simplejpeg is None or not _jpeg_plain(data): return None
     try: h, w, colour, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError: return None
     if colour not in ("Gray", "YCbCr", "RGB"): return None
