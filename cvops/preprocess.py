@@ -52,43 +52,50 @@ def _check_size(w:int, h:int, max_pixels:int):
     if w * h > max_pixels: raise ImageTooLargeError(f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,}")
     if w == 0 or h == 0: raise ImageError(f"image has no pixels ({w}x{h})")
 
-def _jpeg_plain(data:bytes) -> bool:
-    """Whether a JPEG is one Pillow would read as a plain upright JPEG: its segments before the pixels walk cleanly, its
-    EXIF orientation (Pillow falls back to XMP's when EXIF has none) turns nothing, and it is not a multi-picture file
-    (Pillow's MPO). Written by hand because it runs on every served image: a dozen segments, a few µs."""
+_EXIF_ORIENTATION, _TURNED = 0x0112, (5, 6, 7, 8)  # EXIF orientations that swap width and height
+# EXIF orientation → the turn that makes the image upright, as Pillow's `exif_transpose` does it
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+
+def _jpeg_orientation(data:bytes) -> int|None:
+    """The EXIF orientation Pillow would apply to a JPEG (1: none), or None when Pillow should read the file itself: its
+    segments before the pixels do not walk cleanly, its EXIF block is unreadable, only XMP may carry the orientation
+    (Pillow falls back to it), or it is a multi-picture file (Pillow's MPO). Written by hand because it runs on every
+    served image: a dozen segments, a few µs."""
     n, pos, exif, xmp = len(data), 2, None, False
     while pos + 4 <= n and data[pos] == 0xFF:
         marker = data[pos + 1]
         if marker == 0xFF: pos += 1; continue                   # fill byte
         if marker == 0xDA:                                       # start of scan: the pixels follow
-            return exif != -1 and exif not in range(2, 9) and not (exif is None and xmp)
+            if exif == -1 or (exif is None and xmp): return None
+            return exif if exif in _UPRIGHT else 1
         length = int.from_bytes(data[pos + 2:pos + 4], "big")
-        if length < 2 or marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7: return False
+        if length < 2 or marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7: return None
         body = data[pos + 4:pos + 2 + length]
         if marker == 0xE1 and exif is None and body[:6] == b"Exif\0\0": exif = _tiff_orientation(body[6:])
         elif marker == 0xE1 and body.startswith(b"http://ns.adobe.com/xap/1.0/"): xmp = True
-        elif marker == 0xE2 and body[:4] == b"MPF\0": return False
+        elif marker == 0xE2 and body[:4] == b"MPF\0": return None
         pos += 2 + length
-    return False
+    return None
 
 def _tiff_orientation(tiff:bytes) -> int|None:
-    "The orientation tag of an EXIF block's first IFD: None without one, -1 when the block cannot be read."
+    "The orientation tag (one SHORT) of an EXIF block's first IFD: None without one, -1 when the block cannot be read."
     e = {b"II*\0": "<", b"MM\0*": ">"}.get(tiff[:4])
     if e is None: return -1
     try:
         ifd = struct.unpack_from(e + "I", tiff, 4)[0]
         for i in range(struct.unpack_from(e + "H", tiff, ifd)[0]):
-            if struct.unpack_from(e + "H", tiff, ifd + 2 + 12 * i)[0] == 0x0112:
-                return struct.unpack_from(e + "H", tiff, ifd + 2 + 12 * i + 8)[0]
+            tag, kind, count, value = struct.unpack_from(e + "HHIH", tiff, ifd + 2 + 12 * i)
+            if tag == _EXIF_ORIENTATION: return value if (kind, count) == (3, 1) else -1
     except struct.error: return -1
     return None
 
 def _decode_jpeg_fast(data:bytes, max_pixels:int, reduce_to:int|None) -> tuple[Image.Image, tuple[int, int]]|None:
     """A plain JPEG through simplejpeg (libjpeg-turbo's own API: header and pixels without Pillow's marker parsing in
     Python, 26 against 70 µs for a 64 px JPEG, 18 against 27 ms for a 12 MP photo at 1/8): the very pixels Pillow
-    decodes, at the scale Pillow's `draft` picks (tests compare them). None for anything else (CMYK, turned, odd or
-    broken files): Pillow reads those, with its own checks and messages."""
-    if simplejpeg is None or not _jpeg_plain(data): return None
+    decodes, at the scale Pillow's `draft` picks, turned upright as Pillow turns them (tests compare them). None for
+    anything else (CMYK, odd or broken files): Pillow reads those, with its own checks and messages."""
+    if simplejpeg is None or (orientation := _jpeg_orientation(data)) is None: return None
     try: h, w, colour, _ = simplejpeg.decode_jpeg_header(data)
     except ValueError: return None
     if colour not in ("Gray", "YCbCr", "RGB"): return None
@@ -101,7 +108,9 @@ def _decode_jpeg_fast(data:bytes, max_pixels:int, reduce_to:int|None) -> tuple[I
     try: a = simplejpeg.decode_jpeg(data, "RGB", min_height=want[1], min_width=want[0], strict=True)
     except ValueError: return None
     if (a.shape[1], a.shape[0]) != want: return None  # another scale than Pillow's: let Pillow decode
-    return Image.fromarray(a, "RGB"), (w, h)
+    img = Image.fromarray(a, "RGB")
+    if orientation == 1: return img, (w, h)
+    return img.transpose(_UPRIGHT[orientation]), ((h, w) if orientation in _TURNED else (w, h))
 
 def decode_image(data:bytes,                # encoded image bytes (JPEG, PNG, WebP, …)
                  max_pixels:int=MAX_PIXELS, # refuse images with more pixels than this
@@ -249,7 +258,6 @@ def softmax(logits:np.ndarray, # (batch, classes) raw model outputs
 import struct
 import zlib
 
-_EXIF_ORIENTATION, _TURNED = 0x0112, (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _PNG_MODES = {(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 2), (16, 2), (1, 3), (2, 3), (4, 3), (8, 3),
               (8, 4), (16, 4), (8, 6), (16, 6)}  # the (bit depth, colour type) pairs the PNG standard allows
 # chunks that carry neither EXIF (text chunks and eXIf can) nor animation frames: a PNG made only of these is checked
