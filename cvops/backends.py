@@ -105,7 +105,9 @@ class OnnxBackend(Backend):
                  gain:float=0.9,        # kept if its median time is under this × the main session's
                 ):
         "`lone` if its one-image calls are clearly quicker than the main session's, else None (and it is dropped)."
-        if not self._warm_up(lone): return None
+        one_s = self._one_s
+        if not self._warm_up(lone):  # a session that cannot run is dropped; the main session's time stands
+            self._one_s = one_s; return None
         x, times = np.zeros((1, 3, self.bundle.spec.size, self.bundle.spec.size), np.float32), ([], [])
         for _ in range(calls):
             for s, t in zip((self.session, lone), times):
