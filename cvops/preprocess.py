@@ -100,6 +100,7 @@ def _decode_jpeg_fast(data:bytes, max_pixels:int, reduce_to:int|None) -> tuple[I
     except ValueError: return None
     if colour not in ("Gray", "YCbCr", "RGB"): return None
     _check_size(w, h, max_pixels)
+    if Image.MAX_IMAGE_PIXELS and w * h > Image.MAX_IMAGE_PIXELS: return None  # Pillow's bomb guard, the backstop, decides
     s = 1
     if reduce_to:  # Pillow's draft: the largest of 1/8, 1/4, 1/2 keeping both sides ≥ reduce_to
         scale = min(w // reduce_to, h // reduce_to)
