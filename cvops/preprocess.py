@@ -109,7 +109,7 @@ def _decode_jpeg_fast(data:bytes, max_pixels:int, reduce_to:int|None) -> tuple[I
     try: a = simplejpeg.decode_jpeg(data, "RGB", min_height=want[1], min_width=want[0], strict=True)
     except ValueError: return None
     if (a.shape[1], a.shape[0]) != want: return None  # another scale than Pillow's: let Pillow decode
-    img = Image.fromarray(a, "RGB")
+    img = Image.fromarray(a)  # (h, w, 3) uint8: RGB
     if orientation == 1: return img, (w, h)
     return img.transpose(_UPRIGHT[orientation]), ((h, w) if orientation in _TURNED else (w, h))
 
@@ -120,8 +120,8 @@ def decode_image(data:bytes,                # encoded image bytes (JPEG, PNG, We
                 ) -> tuple[Image.Image, tuple[int, int]]: # an upright RGB image; the upright (width, height) as sent
     "Decode bytes into an upright RGB image and the size the image has as sent (upright, before any reduced-scale decode), or raise `ImageError`."
     if not data: raise ImageError("empty image: the body has no bytes")
-    if data[:3] == b"\xff\xd8\xff" and (formats is None or "JPEG" in formats) and (fast := _decode_jpeg_fast(data, max_pixels, reduce_to)):
-        return fast
+    if data[:3] == b"\xff\xd8\xff" and (formats is None or "JPEG" in formats):  # JPEG's magic (`sniff_format`, defined below)
+        if fast := _decode_jpeg_fast(data, max_pixels, reduce_to): return fast
     try:
         # our own pixel cap is checked from the header, before decoding; Pillow's bomb guard stays as a backstop
         # (no warnings.catch_warnings here: it is not thread-safe, and ingest decodes in threads)
