@@ -208,10 +208,7 @@ class Gateway:
         if any(m is None for m in models): raise BackendUnavailable("no model loaded yet")
         with contextlib.ExitStack() as held:  # each answer comes whole from the models the request started with
             for m in models: held.enter_context(m.in_flight())
-            # decode on the loop when alone (a thread hop costs more than it saves), else in the decode thread
-            if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
-                xs, seen, errors = await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
-            else: xs, seen, errors = self._decode(items, models)
+            xs, seen, errors = await self.decode(items, models)
             calls = [self._infer(m, x, top_k, s, detect) for m, x, s in zip(models, xs, seen)]
             # one model: awaited in this task (gather would make a task of it, two more turns of the loop for nothing)
             inferred = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
@@ -266,6 +263,14 @@ class Gateway:
         for test, t in score.tests.items():
             m.drift_p.labels(name, test).set(t["p"]); m.drift_stat.labels(name, test).set(t["stat"])
         m.drift_scored.labels(name).set(time.time()); m.drift_windows.labels(name, str(score.drift).lower()).inc()
+
+    async def decode(self, items:list[tuple[bytes, str]], # (image bytes, content type) per image
+                     models:list[ServedModel],            # the models the images go to (one decode serves all)
+                    ) -> tuple[list, list, dict]:         # what `_decode` returns
+        "Decode and preprocess: on the event loop when alone and small (a thread hop costs more than it saves), else in the decode thread."
+        if models[0].active > 1 or sum(len(d) for d, _ in items) > _INLINE_DECODE:
+            return await asyncio.get_running_loop().run_in_executor(self._decode_pool, self._decode, items, models)
+        return self._decode(items, models)
 
     def _decode(self, items:list[tuple[bytes, str]], models:list[ServedModel]) -> tuple[list, list, dict]:
         "Per model: inputs (N_good,3,S,S) and per image (size as sent, pixels at the model's size); image index → ImageError for those that failed. All failed: raise."

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 from starlette.requests import Request
@@ -18,11 +19,12 @@ from .serve_gateway import Gateway
 from .serve_http import FORMATS, check_api_key, json_response, read_body
 
 # %% auto #0
-__all__ = ['IMAGE_INPUT', 'model_metadata', 'parse_input', 'encode_output', 'infer', 'add_v2_routes']
+__all__ = ['IMAGE_INPUT', 'model_metadata', 'parse_input', 'classify', 'encode_outputs', 'infer', 'add_v2_routes']
 
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d5
 IMAGE_INPUT = "image"  # the BYTES input: encoded images (JPEG, PNG, WebP), one per batch row
 _NP = {"FP32": np.float32, "FP64": np.float64, "FP16": np.float16, "INT64": np.int64, "INT32": np.int32, "UINT8": np.uint8}
+_V2_TYPE = {np.dtype(np.float32): "FP32", np.dtype(np.int64): "INT64", np.dtype(object): "BYTES"}  # what the gateway answers
 _HEADER = "inference-header-content-length"
 
 def _error(exc:CvopsError) -> Response:
@@ -39,12 +41,15 @@ def _served(gw:Gateway, request:Request):
     return model
 
 def model_metadata(model) -> dict:
-    "KServe v2 model metadata: the tensor input, the BYTES image input (either one per request) and the logits output."
-    b = model.bundle
+    "KServe v2 model metadata: the tensor input, the BYTES image input (either one per request) and the outputs, as Triton's config for the bundle has them."
+    b, detector = model.bundle, model.task == "detection"
+    batch = 1 if detector else -1  # a detector takes one image per request (Triton serves it with max_batch_size 0)
+    outputs = ([{"name": o.name, "datatype": _V2_TYPE[np.dtype(o.dtype)], "shape": [d if isinstance(d, int) else -1 for d in o.shape]}
+                for o in b.outputs] if detector else [{"name": b.output_name, "datatype": "FP32", "shape": [-1, len(b.classes)]}])
     return {"name": model.name, "versions": [str(b.version)], "platform": "cvops_" + model.backend.kind,
-            "inputs": [{"name": b.input_name, "datatype": "FP32", "shape": [-1, 3, model.size, model.size]},
-                       {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [-1]}],
-            "outputs": [{"name": b.output_name, "datatype": "FP32", "shape": [-1, len(b.classes)]}]}
+            "inputs": [{"name": b.input_name, "datatype": "FP32", "shape": [batch, 3, model.size, model.size]},
+                       {"name": IMAGE_INPUT, "datatype": "BYTES", "shape": [batch]}],
+            "outputs": outputs}
 
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d6
 def _split_body(body:bytes, header_len:str|None) -> tuple[dict, bytes]:
@@ -56,7 +61,7 @@ def _split_body(body:bytes, header_len:str|None) -> tuple[dict, bytes]:
     else: head, rest = body, b""
     try: doc = json.loads(head)
     except (json.JSONDecodeError, UnicodeDecodeError) as e: raise RequestError(400, f"malformed inference request JSON: {e}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1:
+    if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or len(doc["inputs"]) != 1 or not isinstance(doc["inputs"][0], dict):
         raise RequestError(400, f"an inference request needs exactly one input: the tensor or {IMAGE_INPUT!r} (BYTES)")
     return doc, rest
 
@@ -66,9 +71,15 @@ def _bytes_elements(raw:bytes) -> list[bytes]:
     try: return [bytes(x) for x in deserialize_bytes_tensor(raw)]
     except Exception: raise RequestError(400, "malformed BYTES tensor data (expected 4-byte lengths before each element)") from None
 
+def _params(obj:dict, where:str) -> dict:
+    "The `parameters` object of a request, input or output ({} when absent)."
+    p = obj.get("parameters") or {}
+    if not isinstance(p, dict): raise RequestError(400, f"{where} parameters must be an object, got {p!r}")
+    return p
+
 def _input_data(inp:dict, rest:bytes):
     "An input's data: the binary bytes (when `binary_data_size` is given), else its JSON `data`."
-    size = (inp.get("parameters") or {}).get("binary_data_size")
+    size = _params(inp, f"input {inp.get('name')!r}").get("binary_data_size")
     if size is not None:
         if not isinstance(size, int) or size < 0 or size > len(rest): raise RequestError(400, f"binary_data_size {size!r} exceeds the body")
         return rest[:size]
@@ -90,53 +101,95 @@ def parse_input(doc:dict, rest:bytes, model):
             try: items = [base64.b64decode(s, validate=True) for s in np.ravel(np.asarray(data, dtype=object))]
             except (binascii.Error, ValueError, TypeError): raise RequestError(400, f"input {IMAGE_INPUT!r}: JSON data must be base64 strings") from None
         if len(items) != int(np.prod(shape)) or not items: raise RequestError(400, f"input {IMAGE_INPUT!r}: shape {shape} but {len(items)} elements")
+        if model.task == "detection" and len(items) != 1:
+            raise RequestError(400, f"model {model.name!r} is a detector: one image per request, got {len(items)}")
         return "images", [(d, "application/octet-stream") for d in items]
     b = model.bundle
     if name != b.input_name: raise RequestError(400, f"unknown input {name!r}; model {model.name!r} takes {b.input_name!r} (FP32) or {IMAGE_INPUT!r} (BYTES)")
     want = [model.size, model.size]
     if dtype not in _NP: raise RequestError(400, f"input {name!r}: datatype {dtype!r} not supported; send FP32")
-    if len(shape) != 4 or shape[1] != 3 or shape[2:] != want or shape[0] < 1:
-        raise RequestError(400, f"input {name!r}: shape must be [N, 3, {model.size}, {model.size}], got {shape}")
+    batch = "1" if model.task == "detection" else "N"  # a detector takes one image per request
+    if len(shape) != 4 or shape[1] != 3 or shape[2:] != want or shape[0] < 1 or (batch == "1" and shape[0] != 1):
+        raise RequestError(400, f"input {name!r}: shape must be [{batch}, 3, {model.size}, {model.size}], got {shape}")
     try:
         x = np.frombuffer(data, _NP[dtype]) if isinstance(data, bytes) else np.asarray(data, _NP[dtype])
         return "tensor", np.ascontiguousarray(x.reshape(shape), np.float32)
     except (ValueError, TypeError) as e: raise RequestError(400, f"input {name!r}: data does not fit shape {shape}: {e}") from None
 
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d7
-def encode_output(doc:dict, model, logits:np.ndarray) -> Response:
-    "The inference response: JSON data, or binary data after a JSON header when the request asks for it."
-    name = model.bundle.output_name
-    asked = doc.get("outputs") or [{"name": name}]
+def _tensors(model, y) -> dict[str, np.ndarray]:
+    "Output name → array of a backend's answer: a classifier's logits; a detector's boxes, scores and labels (its one image)."
+    if model.task == "detection": return {o.name: np.asarray(t, o.dtype) for o, t in zip(model.bundle.outputs, y[0])}
+    return {model.bundle.output_name: np.asarray(y, np.float32)}
+
+
+def classify(logits:np.ndarray,  # (N, C) scores
+             k:int,              # classes per row (more than C: all of them)
+             classes:list[str],  # the class names, in output order
+            ) -> np.ndarray:     # (N, min(k, C)) object array of bytes
+    "Triton's classification extension: per row the k highest values as `b\"<value>:<index>:<label>\"`, best first."
+    top = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+    # `%f`: the C++ std::to_string that Triton formats the value with (6 decimals)
+    return np.array([[f"{float(row[i]):f}:{i}:{classes[i]}".encode() for i in idx] for row, idx in zip(logits, top)], dtype=object).reshape(top.shape)
+
+def _requested(doc:dict, model, names:list[str]) -> list[tuple[str, int, bool]]:
+    "(name, classification count, binary?) per requested output; no `outputs` (or none listed): all of them, as Triton answers."
+    asked = doc.get("outputs")
+    if asked is None or asked == []: asked = [{"name": n} for n in names]
+    if not isinstance(asked, list) or not all(isinstance(o, dict) for o in asked):
+        raise RequestError(400, f"outputs must be a list of objects with a name, got {asked!r}")
+    binary_default = _params(doc, "the request's").get("binary_data_output", False)
+    out = []
     for o in asked:
-        if o.get("name") != name: raise RequestError(400, f"unknown output {o.get('name')!r}; model {model.name!r} outputs {name!r}")
-    binary = bool((asked[0].get("parameters") or {}).get("binary_data", (doc.get("parameters") or {}).get("binary_data_output", False)))
-    y = np.ascontiguousarray(logits, np.float32)
-    out = {"name": name, "datatype": "FP32", "shape": list(y.shape)}
-    head = {"model_name": model.name, "model_version": str(model.bundle.version), "outputs": [out]}
+        if o.get("name") not in names: raise RequestError(400, f"unknown output {o.get('name')!r}; model {model.name!r} outputs {names}")
+        p = _params(o, f"output {o['name']!r}")
+        k = p.get("classification", 0)
+        if type(k) is not int or k < 0: raise RequestError(400, f"output {o['name']!r}: classification must be a count >= 0, got {k!r}")
+        if k and model.task != "classification":
+            raise RequestError(400, f"output {o['name']!r}: classification needs a classifier; model {model.name!r} is a detector")
+        out.append((o["name"], k, bool(p.get("binary_data", binary_default))))
+    return out
+
+def encode_outputs(doc:dict,                      # the inference request
+                   model,                         # the model that answered
+                   tensors:dict[str, np.ndarray], # its outputs (`_tensors`)
+                  ) -> Response:
+    "The inference response: each requested output as JSON data, or as binary data after the JSON header."
+    from tritonclient.utils import serialize_byte_tensor  # the client's own BYTES format, written by its own function
+    outs, raws = [], []
+    for name, k, binary in _requested(doc, model, list(tensors)):
+        y = classify(tensors[name], k, model.classes) if k else tensors[name]
+        out = {"name": name, "datatype": _V2_TYPE[y.dtype], "shape": list(y.shape)}
+        if binary:
+            raw = serialize_byte_tensor(y).item() if y.dtype == object else np.ascontiguousarray(y).tobytes()
+            out["parameters"] = {"binary_data_size": len(raw)}; raws.append(raw)
+        else: out["data"] = [e.decode() for e in y.ravel()] if y.dtype == object else y.ravel().tolist()
+        outs.append(out)
+    head = {"model_name": model.name, "model_version": str(model.bundle.version), "outputs": outs}
     if "id" in doc: head["id"] = doc["id"]
-    if not binary:
-        out["data"] = y.ravel().tolist()
-        return json_response(head)
-    raw = y.tobytes()
-    out["parameters"] = {"binary_data_size": len(raw)}
+    if not raws: return json_response(head)
     header = json.dumps(head).encode()
-    return Response(header + raw, media_type="application/octet-stream", headers={"Inference-Header-Content-Length": str(len(header))})
+    return Response(b"".join([header, *raws]), media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(len(header))})
 
 async def infer(gw:Gateway, request:Request) -> Response:
-    "`POST /v2/models/{name}[/versions/{v}]/infer`: logits for a tensor or for raw images, through the same models as /v1."
+    "`POST /v2/models/{name}[/versions/{v}]/infer`: a tensor or raw images through the same models, decoding and metrics as /v1."
     check_api_key(gw.api_key, request.headers.get("x-api-key"), request)
     model = _served(gw, request)
     doc, rest = _split_body(await read_body(request, gw.settings.max_body_bytes), request.headers.get(_HEADER))
     kind, value = parse_input(doc, rest, model)
+    _requested(doc, model, [o["name"] for o in model_metadata(model)["outputs"]])  # bad outputs: refused before any work
     with model.in_flight():
         if kind == "images":
-            xs, _, errors = gw._decode(value, [model])
+            xs, _, errors = await gw.decode(value, [model])
             if errors: raise next(iter(errors.values()))  # a v2 answer is one tensor: any bad image refuses the request
             x = xs[0]
         else: x = value
-        logits = await model.backend.infer(x)
+        t0 = time.perf_counter()
+        y = await model.backend.infer(x)
+        gw.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
     gw.metrics.images.labels(model.name, str(model.bundle.version)).inc(len(x))
-    return encode_output(doc, model, logits)
+    return encode_outputs(doc, model, _tensors(model, y))
 
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d8
 def add_v2_routes(app, gw:Gateway) -> dict:
@@ -147,7 +200,7 @@ def add_v2_routes(app, gw:Gateway) -> dict:
             except CvopsError as e: return _error(e)
         return endpoint
 
-    async def server_meta(request): return json_response({"name": "cvops", "version": cvops.__version__, "extensions": ["binary_tensor_data"]})
+    async def server_meta(request): return json_response({"name": "cvops", "version": cvops.__version__, "extensions": ["classification", "binary_tensor_data"]})
     async def live(request): return json_response({"live": True})
     async def ready(request):
         ok = bool(gw.slots) and all([(await s.ready())[0] for s in gw.slots.values()])

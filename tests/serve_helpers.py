@@ -32,9 +32,18 @@ def make_bundle(out: Path, images: list[Path], size: int = 64, seed: int = 0, ba
     from cvops.export import export_bundle
     from cvops.preprocess import PreprocessSpec, preprocess_bytes
     torch.manual_seed(seed)
-    model = getattr(torchvision.models, backbone)(num_classes=4).eval()
+    model = getattr(torchvision.models, backbone)(num_classes=4)
     spec = PreprocessSpec(size=size)
     x = np.stack([preprocess_bytes(p.read_bytes(), spec) for p in images[:16]])
+    # freshly initialised, a torchvision CNN answers logits of ~1e-10 (unit BatchNorm statistics shrink every layer), so
+    # tolerances of 1e-5 could not tell a wrong answer from a right one: BatchNorm takes its statistics from the images
+    # and the head is redrawn at unit scale, which gives logits of order 1 that differ from image to image
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm): m.momentum = None; m.reset_running_stats()  # momentum None: a plain average
+    with torch.no_grad(): model.train()(torch.from_numpy(x))
+    model.eval()
+    head = [m for m in model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    torch.nn.init.normal_(head.weight, std=1.0)
     out, _ = export_bundle(model, ["circle", "square", "star", "triangle"], spec, out, x, tolerance=1e-3, name=name,
                            reference_images=[p.read_bytes() for p in reference] if reference else None)
     return out

@@ -172,8 +172,9 @@ def test_captures_keep_the_boxes(gw, det, tmp_path):
     assert want[0] in json.loads(r.stdout.strip().splitlines()[-1]), (r.stdout[-1000:], want)
 
 
-def test_triton_backend_serves_the_detector(det, tmp_path):
-    "The same boxes through the gateway → Triton (python variant: the bundle's ONNX graph, one image per request)."
+def test_triton_backend_serves_the_detector(det, gw, tmp_path):
+    """The same boxes through the gateway → Triton (python variant: the bundle's ONNX graph, one image per request); and
+    the KServe v2 calls of tritonclient answered alike by Triton and by the gateway (metadata, the three raw outputs)."""
     triton_mod = pytest.importorskip("cvops.triton", reason="cvops.triton is not there")
     repo = tmp_path / "repo"
     triton_mod.build_repository(det["bundle"], repo, "shapes-det", 1, variant="python")
@@ -187,4 +188,39 @@ def test_triton_backend_serves_the_detector(det, tmp_path):
                 r = c.post("/v1/predict", params=ALL, content=data)
                 assert r.status_code == 200, r.text
                 assert_boxes(r.json()["detections"], expected(det["bundle"], data))
+            _v2_alike(server.http_url, {"gateway → Triton": (g.url, "shapes-det", {}), "gateway": (gw.url, "det", {"X-API-Key": KEY})}, det)
     finally: server.stop()
+
+
+def _v2_alike(triton_url: str, gateways: dict, det):
+    "tritonclient.http against Triton (model shapes-det) and against each gateway: the same metadata and outputs."
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+    targets = {"triton": (triton_url, "shapes-det", {}), **gateways}
+    clients = {k: (th.InferenceServerClient(u.removeprefix("http://")), m, h) for k, (u, m, h) in targets.items()}
+    try:
+        meta = {k: c.get_model_metadata(m, headers=dict(h)) for k, (c, m, h) in clients.items()}
+        for k in gateways:
+            assert meta[k]["outputs"] == meta["triton"]["outputs"] and meta[k]["inputs"][0] == meta["triton"]["inputs"][0], (k, meta)
+        assert [(o["name"], o["datatype"]) for o in meta["triton"]["outputs"]] == [("boxes", "FP32"), ("scores", "FP32"), ("labels", "INT64")]
+        n = 0
+        for x in det["inputs"][:3]:
+            got = {}
+            for k, (c, m, h) in clients.items():
+                inp = th.InferInput("input", [1, *x.shape], "FP32"); inp.set_data_from_numpy(x[None])
+                r = c.infer(m, [inp], outputs=[th.InferRequestedOutput(o, binary_data=o != "scores") for o in ("boxes", "scores", "labels")], headers=dict(h))
+                got[k] = [r.as_numpy(o) for o in ("boxes", "scores", "labels")]
+            for k in gateways:
+                (b, s, l), (tb, ts, tl) = got[k], got["triton"]
+                assert (b.dtype, s.dtype, l.dtype) == (tb.dtype, ts.dtype, tl.dtype) == (np.float32, np.float32, np.int64), k
+                assert l.tolist() == tl.tolist(), k
+                np.testing.assert_allclose(s, ts, atol=1e-5); np.testing.assert_allclose(b, tb, atol=1e-3)
+            n += len(got["triton"][1])
+        assert n > 0  # the detector found something to compare
+        for k in gateways:  # a detector takes one image per request, as Triton serves it
+            c, m, h = clients[k]
+            inp = th.InferInput("input", [2, *det["inputs"][0].shape], "FP32"); inp.set_data_from_numpy(det["inputs"][:2])
+            with pytest.raises(InferenceServerException, match=r"shape must be \[1, 3, 64, 64\]") as err: c.infer(m, [inp], headers=dict(h))
+            assert err.value.status() == "400", k
+    finally:
+        for c, _, _ in clients.values(): c.close()

@@ -636,6 +636,49 @@ def test_tritonclient_http_against_the_gateway(gw, assets):
     finally: c.close()
 
 
+def test_kserve_v2_answers_as_triton_does(gw, triton, assets):
+    """The same tritonclient calls against Triton serving the bundle and against the gateway: the same outputs, shapes,
+    types and classification strings (Triton's classification extension, labels from the bundle's labels.txt)."""
+    import tritonclient.http as th
+    from tritonclient.utils import InferenceServerException
+    from cvops.preprocess import preprocess_bytes
+    from cvops.bundle import ModelBundle
+    b = ModelBundle.load(assets["a"])
+    x = np.stack([preprocess_bytes(p.read_bytes(), b.spec) for p in assets["images"][:3]])
+    clients = {"triton": (th.InferenceServerClient(triton.http_url.removeprefix("http://")), {}),
+               "gateway": (th.InferenceServerClient(gw.url.removeprefix("http://")), {"X-API-Key": KEY})}
+    try:
+        meta = {k: c.get_model_metadata("shapes", headers=dict(h)) for k, (c, h) in clients.items()}
+        assert meta["gateway"]["outputs"] == meta["triton"]["outputs"] and meta["gateway"]["inputs"][0] == meta["triton"]["inputs"][0], meta
+        for k, (c, h) in clients.items():
+            assert {"classification", "binary_tensor_data"} <= set(c.get_server_metadata(headers=dict(h))["extensions"]), k
+        for count, binary in ((0, True), (0, False), (2, True), (2, False), (100, False)):  # 100: more than the classes, all of them
+            got = {}
+            for k, (c, h) in clients.items():
+                inp = th.InferInput("input", list(x.shape), "FP32"); inp.set_data_from_numpy(x, binary_data=binary)
+                r = c.infer("shapes", [inp], outputs=[th.InferRequestedOutput("logits", binary_data=binary, class_count=count)], headers=dict(h))
+                out = r.get_response()["outputs"][0]
+                got[k] = (out["datatype"], out["shape"], r.as_numpy("logits"))
+            (dt, shape, g), (tdt, tshape, t) = got["gateway"], got["triton"]
+            assert (dt, shape) == (tdt, tshape), (count, binary, got)
+            if not count: np.testing.assert_allclose(g, t, atol=1e-5); assert np.abs(t).max() > 1e-3; continue
+            assert dt == "BYTES" and shape == [3, min(count, len(b.classes))]
+            assert [type(e) for e in g.ravel()] == [type(e) for e in t.ravel()]  # bytes from binary data, str from JSON
+            text = lambda a: [[(e.decode() if isinstance(e, bytes) else e).split(":") for e in row] for row in a]
+            gs, ts = text(g), text(t)
+            assert [[(i, lab) for _, i, lab in row] for row in gs] == [[(i, lab) for _, i, lab in row] for row in ts], (gs, ts)
+            np.testing.assert_allclose([[float(v) for v, _, _ in row] for row in gs], [[float(v) for v, _, _ in row] for row in ts], atol=2e-6)
+        status = {}
+        for k, (c, h) in clients.items():  # a count that is not one: refused by both
+            inp = th.InferInput("input", list(x.shape), "FP32"); inp.set_data_from_numpy(x)
+            with pytest.raises(InferenceServerException, match="classification") as err:
+                c.infer("shapes", [inp], outputs=[th.InferRequestedOutput("logits", class_count=-1)], headers=dict(h))
+            status[k] = err.value.status()
+        assert status["gateway"] == "400" and status["triton"] in ("400", "500"), status  # Triton 2.51 answers 500 for it
+    finally:
+        for c, _ in clients.values(): c.close()
+
+
 # -- reduced-scale decoding of large photos -------------------------------------------------------------
 
 def test_reduced_scale_decoding_agrees_with_full_decoding(tmp_path):
