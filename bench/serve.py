@@ -267,9 +267,8 @@ def wrk_c1(url: str, body: Path, ctype: str, seconds: float) -> dict:
     "Run wrk (Debian's C load generator) on one connection for `seconds`, POSTing `body`: p50 ms in wrk's 10 µs steps, requests/s, failures."
     import subprocess
     script = body.with_suffix(".lua")  # wrk takes a request body only from a Lua script
-    if not script.exists():
-        script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "{ctype}"\n'
-                          f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
+    script.write_text(f'wrk.method = "POST"\nwrk.headers["Content-Type"] = "{ctype}"\n'
+                      f'local f = io.open("{body}", "rb")\nwrk.body = f:read("*a")\nf:close()\n')
     out = subprocess.run(["/usr/bin/wrk", "-t1", "-c1", f"-d{seconds:g}s", "--latency", "-s", str(script), url],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
     m = re.search(r"50%\s+([\d.]+)(us|ms|s)\b", out)

@@ -105,10 +105,10 @@ class OnnxBackend(Backend):
                  gain:float=0.9,        # kept if its median time is under this × the main session's
                 ):
         "`lone` if its one-image calls are clearly quicker than the main session's, else None (and it is dropped)."
-        one_s = self._one_s
-        if not self._warm_up(lone):  # a session that cannot run is dropped; the main session's time stands
-            self._one_s = one_s; return None
         x, times = np.zeros((1, 3, self.bundle.spec.size, self.bundle.spec.size), np.float32), ([], [])
+        try: self._run(x, lone)  # ORT's first-call set-up (a failed call leaves the main session's time as it was)
+        except Exception as e:   # a session that cannot run is dropped
+            log.warning("warm-up call of %s on %d spinning threads failed: %s", self.bundle.name, self.lone_threads, e); return None
         for _ in range(calls):
             for s, t in zip((self.session, lone), times):
                 t0 = time.perf_counter(); self._run(x, s); t.append(time.perf_counter() - t0)

@@ -256,7 +256,6 @@ def softmax(logits:np.ndarray, # (batch, classes) raw model outputs
     return z / z.sum(axis=1, keepdims=True)
 
 # %% ../nbs/03_preprocess.ipynb #7d763a73
-import struct
 import zlib
 
 _PNG_MODES = {(1, 0), (2, 0), (4, 0), (8, 0), (16, 0), (8, 2), (16, 2), (1, 3), (2, 3), (4, 3), (8, 3),

@@ -117,6 +117,10 @@ def parse_input(doc:dict, rest:bytes, model):
     except (ValueError, TypeError) as e: raise RequestError(400, f"input {name!r}: data does not fit shape {shape}: {e}") from None
 
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d7
+def _output_names(model) -> list[str]:
+    "The model's outputs, in the order `model_metadata` lists them."
+    return [o.name for o in model.bundle.outputs] if model.task == "detection" else [model.bundle.output_name]
+
 def _tensors(model, y) -> dict[str, np.ndarray]:
     "Output name → array of a backend's answer: a classifier's logits; a detector's boxes, scores and labels (its one image)."
     if model.task == "detection": return {o.name: np.asarray(t, o.dtype) for o, t in zip(model.bundle.outputs, y[0])}
@@ -153,11 +157,12 @@ def _requested(doc:dict, model, names:list[str]) -> list[tuple[str, int, bool]]:
 def encode_outputs(doc:dict,                      # the inference request
                    model,                         # the model that answered
                    tensors:dict[str, np.ndarray], # its outputs (`_tensors`)
+                   wanted:list[tuple[str, int, bool]], # the requested outputs (`_requested`)
                   ) -> Response:
     "The inference response: each requested output as JSON data, or as binary data after the JSON header."
     from tritonclient.utils import serialize_byte_tensor  # the client's own BYTES format, written by its own function
     outs, raws = [], []
-    for name, k, binary in _requested(doc, model, list(tensors)):
+    for name, k, binary in wanted:
         y = classify(tensors[name], k, model.classes) if k else tensors[name]
         out = {"name": name, "datatype": _V2_TYPE[y.dtype], "shape": list(y.shape)}
         if binary:
@@ -178,7 +183,7 @@ async def infer(gw:Gateway, request:Request) -> Response:
     model = _served(gw, request)
     doc, rest = _split_body(await read_body(request, gw.settings.max_body_bytes), request.headers.get(_HEADER))
     kind, value = parse_input(doc, rest, model)
-    _requested(doc, model, [o["name"] for o in model_metadata(model)["outputs"]])  # bad outputs: refused before any work
+    wanted = _requested(doc, model, _output_names(model))  # bad outputs: refused before any work
     with model.in_flight():
         if kind == "images":
             xs, _, errors = await gw.decode(value, [model])
@@ -189,7 +194,7 @@ async def infer(gw:Gateway, request:Request) -> Response:
         y = await model.backend.infer(x)
         gw.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
     gw.metrics.images.labels(model.name, str(model.bundle.version)).inc(len(x))
-    return encode_outputs(doc, model, _tensors(model, y))
+    return encode_outputs(doc, model, _tensors(model, y), wanted)
 
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d8
 def add_v2_routes(app, gw:Gateway) -> dict:
