@@ -252,10 +252,11 @@ class Server:
             except Exception: os.killpg(self.proc.pid, signal.SIGKILL)
 
 
-def hey(url: str, body: Path, ctype: str, n: int, c: int) -> dict:
-    "Run hey (Debian's Go load generator): requests/s, p50/p99 ms, and any non-200 answers."
+def hey(url: str, body: Path, ctype: str, n: int, c: int, seconds: float = 0) -> dict:
+    "Run hey (Debian's Go load generator) for `n` requests, or for `seconds` when given: requests/s, p50/p99 ms, and any non-200 answers."
     import subprocess
-    out = subprocess.run(["/usr/bin/hey", "-n", str(n), "-c", str(c), "-m", "POST", "-T", ctype, "-D", str(body), "-disable-compression", url],
+    amount = ["-z", f"{seconds:g}s"] if seconds else ["-n", str(n)]
+    out = subprocess.run(["/usr/bin/hey", *amount, "-c", str(c), "-m", "POST", "-T", ctype, "-D", str(body), "-disable-compression", url],
                          capture_output=True, text=True, timeout=600).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     q = {int(m.group(1)): float(m.group(2)) * 1000 for m in re.finditer(r"(\d+)%+ in ([\d.]+) secs", out)}
@@ -292,7 +293,7 @@ def _median_run(runs: list[dict]) -> dict:
     return out
 
 
-def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int, runs: int = 3) -> dict:
+def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int, runs: int = 3, small_s: float = 0) -> dict:
     "Every server on both payloads, one after the other (each alone on the machine while measured), `runs` rounds: medians."
     import base64
     from PIL import Image
@@ -328,7 +329,8 @@ def peer_figures(bundle: Path, tmp: Path, small_n: int, big_n: int, runs: int = 
                 for payload, n, cs in (("small", small_n, (1, 16, 64)), ("big", big_n, (1, 4))):
                     body, ctype = files[payload][kind]
                     hey(s.url + path, body, ctype, max(20, n // 10), cs[-1])  # warm-up
-                    for c in cs: r[f"{payload}_c{c}"] = hey(s.url + path, body, ctype, n if c > 1 else max(20, n // 4), c)
+                    for c in cs:  # the 64 px runs with many clients for `small_s` seconds: 2,000 requests went by in 1 s here
+                        r[f"{payload}_c{c}"] = hey(s.url + path, body, ctype, n if c > 1 else max(20, n // 4), c, small_s if payload == "small" and c > 1 else 0)
                 if name.startswith("cvops"): r["rss_mb"] = max(s.rss_mb())  # per process: the largest worker
                 per[name].append(r)
                 print(f"  run {run + 1}/{runs} {name}: " + ", ".join(f"{k} {v['req_s']:.0f} req/s p50 {v['p50_ms']:.1f} ms"
@@ -474,7 +476,7 @@ def two_model_rss(bundle: Path, tmp: Path) -> float:
 
 def peers_main(a, tmp, bundle, jpegs, res):
     print(f"peers (hey), {a.peer_runs} runs, medians:", flush=True)
-    res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests, a.peer_runs)
+    res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests, a.peer_runs, a.peer_seconds)
     res["rss_two_models_mb"] = two_model_rss(bundle, tmp)
     if not a.no_triton:
         res["triton_direct"] = triton_direct_figures(bundle, tmp, jpegs, a.triton_requests)
@@ -534,7 +536,8 @@ def main():
     ap.add_argument("--no-triton", action="store_true")
     ap.add_argument("--only-peers", action="store_true", help="only the peer comparison, the Triton difference and the decoding agreement")
     ap.add_argument("--no-peers", action="store_true", help="skip the peer comparison")
-    ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 and 64 (a quarter at 1)")
+    ap.add_argument("--peer-requests", type=int, default=2000, help="hey requests per 64 px run at concurrency 16 and 64 when --peer-seconds is 0 (a quarter of this at 1)")
+    ap.add_argument("--peer-seconds", type=float, default=4, help="each 64 px run at concurrency 16 and 64 lasts this long (0: --peer-requests requests)")
     ap.add_argument("--peer-runs", type=int, default=3, help="rounds of the peer comparison (medians are reported)")
     ap.add_argument("--only-triton", action="store_true", help="only the gateway→Triton vs direct tritonclient figure")
     ap.add_argument("--triton-requests", type=int, default=400, help="calls per path and protocol for the gateway→Triton vs direct figure")
