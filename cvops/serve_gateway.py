@@ -214,27 +214,38 @@ class Gateway:
             inferred = [await calls[0]] if len(calls) == 1 else await asyncio.gather(*calls)
         # the bookkeeping runs once this task gives the loop back, which is after the answer is sent when nothing waits
         # on the way out: at one client that is latency saved (measured ≈ 0.1 ms at 64 px), under load the same work
-        asyncio.get_running_loop().call_soon(self._account, names, models, xs, seen, inferred, items, errors)
+        asyncio.get_running_loop().call_soon(self.account, names, models, xs, seen, inferred, items, errors)
         out = []
         for m, (r, _) in zip(models, inferred):
             good = iter(r)
             out.append((m, [errors[i] if i in errors else next(good) for i in range(len(items))]))
         return out
 
+    async def infer(self, model:ServedModel, # the model to ask
+                    x:np.ndarray,            # its inputs (N, 3, S, S)
+                   ) -> tuple[np.ndarray|list, np.ndarray|None]: # the backend's answer; the embeddings when the model tracks drift
+        "The backend's answer for a batch (logits, or a detector's outputs per image), its time observed in the metrics."
+        t0 = time.perf_counter()
+        if model.drift is not None and model.task == "classification": y, emb = await model.backend.infer_embedding(x)
+        else: y, emb = await model.backend.infer(x), None
+        self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
+        return y, emb
+
     async def _infer(self, model:ServedModel, x:np.ndarray, top_k:int, seen:list, detect:dict|None=None) -> tuple[list, np.ndarray|None]:
         "Per image: top-k labels (or boxes); and the embeddings when the model tracks drift."
-        t0 = time.perf_counter()
-        if model.task == "detection":  # boxes back in pixels of each image as it arrived (its size is in `seen`)
-            out = await model.backend.infer(x)
-            self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
-            return model.detect(out, [size for size, _ in seen], **(detect or {})), None
-        if model.drift is not None: logits, emb = await model.backend.infer_embedding(x)
-        else: logits, emb = await model.backend.infer(x), None
-        self.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
-        return model.topk(logits, top_k), emb
+        y, emb = await self.infer(model, x)
+        if model.task == "detection": return model.detect(y, [size for size, _ in seen], **(detect or {})), None  # boxes in pixels of each image as sent
+        return model.topk(y, top_k), emb
 
-    def _account(self, names:list, models:list[ServedModel], xs:list, seen:list, inferred:list, items:list, errors:dict):
-        "A request's bookkeeping, per model: the input statistics and metrics, the drift window, the shadow call, the capture."
+    def account(self, names:list,             # per model: the slot name it was asked by
+                models:list[ServedModel],     # the models that answered
+                xs:list,                      # per model: its inputs (N, 3, S, S)
+                seen:list,                    # per model: per image ((width, height) as sent, pixels at the model's size); [] for tensors
+                inferred:list,                # per model: (per image top-k labels or boxes, embeddings or None)
+                items:list,                   # the request's (image bytes, content type); [] for tensors (nothing to capture)
+                errors:dict,                  # image index → the error it got (not answered, not captured)
+               ):
+        "A request's bookkeeping, per model: the input statistics and metrics, the drift window, the shadow call, the capture (run it after the answer)."
         try:
             if self.capture is not None: answered = [it for i, it in enumerate(items) if i not in errors]  # what each model answered
             for slot_name, m, x, s, (r, emb) in zip(names, models, xs, seen, inferred):
@@ -290,8 +301,8 @@ class Gateway:
     def _observe(self, model:ServedModel, ranked, stats):
         m, name, ver = self.metrics, model.name, str(model.bundle.version)
         m.images.labels(name, ver).inc(len(ranked))
-        for top, (pixels, st) in zip(ranked, stats):
-            m.predictions.labels(name, ver, top[0]["label"] if top else "(none)").inc()  # a detector may find nothing
+        for top in ranked: m.predictions.labels(name, ver, top[0]["label"] if top else "(none)").inc()  # a detector may find nothing
+        for pixels, st in stats:  # none for tensor inputs (the inference protocol): no pixels as sent
             m.brightness.labels(name).observe(st["brightness"]); m.contrast.labels(name).observe(st["contrast"])
             m.pixels.labels(name).observe(pixels)
 

@@ -5,8 +5,8 @@
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d4
 from __future__ import annotations
 
+import asyncio
 import json
-import time
 
 import numpy as np
 from starlette.requests import Request
@@ -186,15 +186,21 @@ async def infer(gw:Gateway, request:Request) -> Response:
     wanted = _requested(doc, model, _output_names(model))  # bad outputs: refused before any work
     with model.in_flight():
         if kind == "images":
-            xs, _, errors = await gw.decode(value, [model])
+            xs, seen, errors = await gw.decode(value, [model])
             if errors: raise next(iter(errors.values()))  # a v2 answer is one tensor: any bad image refuses the request
-            x = xs[0]
-        else: x = value
-        t0 = time.perf_counter()
-        y = await model.backend.infer(x)
-        gw.metrics.inference.labels(model.name, model.backend.kind).observe(time.perf_counter() - t0)
-    gw.metrics.images.labels(model.name, str(model.bundle.version)).inc(len(x))
+            x, seen = xs[0], seen[0]
+        else: x, seen = value, []
+        y, emb = await gw.infer(model, x)
+    # after the answer is sent, the bookkeeping of /v1: metrics, drift window, shadow call and capture
+    asyncio.get_running_loop().call_soon(_account, gw, request.path_params["name"], model, x, seen, y, emb, value if kind == "images" else [])
     return encode_outputs(doc, model, _tensors(model, y), wanted)
+
+def _account(gw:Gateway, name:str, model, x:np.ndarray, seen:list, y, emb, items:list):
+    "`Gateway.account` for a v2 answer, ranked as /v1 ranks it (the server's top_k; a detector's boxes at its default threshold)."
+    if model.task == "detection":  # a tensor's size as sent is unknown: the model's own
+        ranked = model.detect(y, [size for size, _ in seen] or [(model.size, model.size)] * len(x))
+    else: ranked = model.topk(y, gw.settings.top_k)
+    gw.account([name], [model], [x], [seen], [(ranked, emb)], items, {})
 
 # %% ../nbs/47_serve_v2.ipynb #c1a2b3d8
 def add_v2_routes(app, gw:Gateway) -> dict:

@@ -3,6 +3,7 @@ torchvision model, in-process ONNX Runtime and the real tritonserver (through cv
 cvops.data, a schemathesis run against the OpenAPI schema, and a worker of a two-worker gateway killed under load."""
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import http.client
 import json
@@ -350,8 +351,14 @@ def test_shadow_records_agreement_and_answers_with_champion(assets, tmp_path):
     b1 = [reference_topk(assets["b"], d, 1)[0][0] for d in datas]
     with Gateway("--model-dir", assets["a"], "--shadow-dir", assets["b"], env={"CVOPS_HOME": str(tmp_path / "home")},
                  log=tmp_path / "gw.log") as g:
-        with client(g, None) as c:
-            for d, exp in zip(datas, a1):
+        import tritonclient.http as th
+        classes = (assets["a"] / "labels.txt").read_text().split()
+        with client(g, None) as c, contextlib.closing(th.InferenceServerClient(g.url.removeprefix("http://"))) as v2:
+            for i, (d, exp) in enumerate(zip(datas, a1)):
+                if i % 2:  # every other one through the inference protocol: shadowed alike
+                    inp = th.InferInput("image", [1], "BYTES"); inp.set_data_from_numpy(np.array([d], dtype=object))
+                    assert classes[int(v2.infer("shapes", [inp]).as_numpy("logits").argmax())] == exp
+                    continue
                 r = c.post("/v1/predict?top_k=1", content=d, headers={"content-type": "image/png"})
                 assert r.json()["predictions"][0]["label"] == exp
         import time
@@ -678,6 +685,45 @@ def test_kserve_v2_answers_as_triton_does(gw, triton, assets):
     finally:
         for c, _ in clients.values(): c.close()
 
+
+
+def test_kserve_v2_traffic_is_counted_and_captured_as_v1(gw, assets):
+    """A client moved to tritonclient loses nothing of the loop: its images are counted and described in the metrics and
+    captured with the model's prediction (what labelling and retraining read), its tensors counted (nothing to capture).
+    Shadowing through /v2: `test_shadow_records_agreement_and_answers_with_champion`."""
+    import hashlib, io, time
+    import tritonclient.http as th
+    from cvops.preprocess import preprocess_bytes
+    from cvops.bundle import ModelBundle
+    b = ModelBundle.load(assets["a"])
+    from PIL import Image
+    buf = io.BytesIO(); Image.open(assets["images"][5]).convert("RGB").save(buf, "JPEG", quality=83)
+    jpeg = buf.getvalue()  # bytes no other test sends: its capture is this request's
+    x = np.stack([preprocess_bytes(p.read_bytes(), b.spec) for p in assets["images"][6:8]])
+    before = metrics(gw)
+    c = th.InferenceServerClient(gw.url.removeprefix("http://"))
+    try:
+        img = th.InferInput("image", [1], "BYTES"); img.set_data_from_numpy(np.array([jpeg], dtype=object))
+        logits = c.infer("shapes", [img], headers={"X-API-Key": KEY}).as_numpy("logits")
+        t = th.InferInput("input", list(x.shape), "FP32"); t.set_data_from_numpy(x)
+        tensor_logits = c.infer("shapes", [t], headers={"X-API-Key": KEY}).as_numpy("logits")
+    finally: c.close()
+    after = metrics(gw)
+    grew = lambda name, **lab: sample(after, name, **lab) - sample(before, name, **lab)
+    assert grew("cvops_images_total", model="shapes", version="0") == 3  # one image, two tensor rows
+    expected = [b.classes[i] for i in np.argmax(np.concatenate([logits, tensor_logits]), 1)]
+    counted = {lab: grew("cvops_predictions_total", model="shapes", version="0", label=lab) for lab in b.classes}
+    assert counted == {lab: expected.count(lab) for lab in b.classes}, (counted, expected)
+    assert grew("cvops_input_pixels_count", model="shapes") == 1  # only the image has a size as sent
+    sha = hashlib.sha256(jpeg).hexdigest()
+    for _ in range(50):  # the capture writer's thread writes soon after the answer
+        docs = [json.loads(p.read_text()) for p in (gw.store / "captures" / "shapes").rglob("*.json")]
+        doc = next((d for d in docs if d["sha256"] == sha), None)
+        if doc is not None: break
+        time.sleep(0.1)
+    assert doc is not None, "the v2 image was not captured"
+    assert doc["prediction"]["label"] == expected[0] and doc["content_type"] == "application/octet-stream", doc
+    assert len(doc["topk"]) == 3 and doc["topk"][0]["label"] == expected[0]  # the server's top_k, as /v1 captures
 
 # -- reduced-scale decoding of large photos -------------------------------------------------------------
 
