@@ -311,11 +311,11 @@ def _host_port(url:str, default_port:int) -> tuple[str, int]:
     except ValueError: raise CvopsError(f"triton url must be host:port, got {url!r}") from None
 
 class TritonBackend(Backend):
-    "A model served by NVIDIA Triton: over gRPC through tritonclient's asyncio client, or over HTTP with Triton's binary tensors."
+    "A model served by NVIDIA Triton: over HTTP with Triton's binary tensors, or over gRPC through tritonclient's asyncio client."
     kind = "triton"
     def __init__(self, bundle:ModelBundle,
-                 url:str="127.0.0.1:8001",   # Triton address (host:port; gRPC or HTTP port per `protocol`)
-                 protocol:str="grpc",        # 'grpc' or 'http'
+                 url:str="127.0.0.1:8000",   # Triton address (host:port; HTTP or gRPC port per `protocol`)
+                 protocol:str="http",        # 'http' or 'grpc'
                  model_name:str|None=None,   # the model's name in Triton (default: the bundle's name)
                  model_version:str|None=None, # Triton version ('' = Triton's policy; default: the bundle's version if > 0)
                  timeout_s:float=10.0,       # per-call timeout

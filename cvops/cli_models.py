@@ -181,7 +181,7 @@ def triton_serve(p:TritonServeParams):
     try:
         click.echo(f"tritonserver (pid {server.pid}) serves {mv.name} v{mv.version}")
         click.echo(f"  HTTP {server.http_url}   gRPC {server.grpc_url}   metrics {server.metrics_url}")
-        click.echo(f"  gateway: cvops serve --backend triton --triton-url {server.grpc_url}")
+        click.echo(f"  gateway: cvops serve --backend triton --triton-url {server.http_url}")
         while server.is_running(): time.sleep(1)
     except KeyboardInterrupt: pass
     finally: server.stop()

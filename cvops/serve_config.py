@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .config import Params, validate_params
 from .errors import ParameterError
@@ -39,11 +39,12 @@ class ServeSettings(Params):
     ref: str = Field("production", description="registry version to serve: an alias (production, qa, challenger), latest, or a number")
     model_dir: Path|None = Field(None, description="serve this model bundle folder instead of resolving through the registry")
     backend: Literal["onnxruntime", "triton"] = Field("onnxruntime", description="where the model runs")
-    triton_url: str = Field("127.0.0.1:8001", description="Triton address host:port (its gRPC port; its HTTP port with --triton-protocol http)")
-    # gRPC by default, Triton's usual client protocol. Measured here since HTTP rides keep-alive connections (`backends._KeepAlive`):
-    # HTTP adds 0.23-0.28 ms to a direct tritonclient call, gRPC 0.44-0.53 ms (on slower days of this VM: 0.72 vs 1.1 ms);
-    # HTTP is the quicker here (its request and answer are written and read in this process, see `backends._binary_outputs`)
-    triton_protocol: Literal["http", "grpc"] = Field("grpc", description="protocol to talk to Triton")
+    triton_url: str = Field("127.0.0.1:8000", description="Triton address host:port (its HTTP port; its gRPC port with --triton-protocol grpc)")
+    # HTTP by default: from this process it is the leaner path. Per call to the bundled Triton (64 px model, 2 cores, uvloop)
+    # the HTTP client (`backends._KeepAlive`, binary tensors) costs 0.11 ms of CPU and answers in 1.22 ms p50, tritonclient's
+    # gRPC asyncio client 0.33 ms and 1.53 ms; through the gateway HTTP adds 0.39-0.43 ms to a direct tritonclient call, gRPC
+    # 0.75-0.82 ms (bench/serve.py, 2026-12-02). gRPC stays for deployments that route only gRPC.
+    triton_protocol: Literal["http", "grpc"] = Field("http", description="protocol to talk to Triton")
     triton_model: str|None = Field(None, description="model name in Triton (default: the served model's name)")
     triton_timeout: float = Field(10.0, gt=0, description="seconds a Triton call may take before the request gets a 503")
     batching: bool = Field(True, description="server-side micro-batching for the onnxruntime backend")
@@ -85,6 +86,27 @@ class ServeSettings(Params):
 
     @property
     def max_body_bytes(self) -> int: return int(self.max_body_mb * 1_000_000)
+
+    @model_validator(mode="after")
+    def _not_itself(self):
+        # Triton's HTTP port and the gateway's own default are both 8000, and the gateway speaks Triton's protocol: pointed at
+        # itself, each infer would call the gateway again. Checked once a `config` file is read in (`load_serve_config`).
+        if self.config is not None: return self
+        for name, s in self.served():
+            if s.backend == "triton" and _same_address(s.triton_url, s.triton_protocol, self.host, self.port):
+                raise ValueError(f"triton_url {s.triton_url}" + (f" (model {name})" if name else "") + " is this gateway's own address "
+                                 f"(port {self.port}): point it at Triton (`cvops triton serve` prints its ports) or serve on another port")
+        return self
+
+_LOCAL = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"}
+
+def _same_address(url:str, protocol:str, host:str, port:int) -> bool:
+    "Whether a Triton address (host:port; no port: Triton's default for `protocol`) is the gateway's own host and port."
+    from urllib.parse import urlsplit
+    try: u = urlsplit("//" + url.removeprefix("http://").removeprefix("grpc://")); h, p = u.hostname, u.port
+    except ValueError: return False  # not an address: the backend says so when it connects
+    p = p or (8000 if protocol == "http" else 8001)
+    return p == port and (h == host or (h in _LOCAL and host in _LOCAL))
 
 # %% ../nbs/43_serve_config.ipynb #5e7a1c20
 def load_serve_config(settings:ServeSettings) -> ServeSettings:

@@ -254,7 +254,7 @@ def test_backend_down_is_503_with_retry_after(assets, tmp_path):
                  env={"CVOPS_HOME": str(tmp_path / "home")}, log=tmp_path / "gw.log") as g, client(g, None) as c:
         r = c.post("/v1/predict", content=_png_bytes(), headers={"content-type": "image/png"})
         assert r.status_code == 503 and r.headers["retry-after"] == "1", (r.status_code, r.headers, r.text)
-        assert r.json()["detail"].startswith("backend unavailable: Triton at grpc://" + url), r.text  # gRPC: the default
+        assert r.json()["detail"].startswith("backend unavailable: Triton at http://" + url), r.text  # HTTP: the default
         ready = c.get("/readyz")
         assert ready.status_code == 503 and ready.json()["ready"] is False, ready.text
 

@@ -63,7 +63,7 @@ def test_kubernetes_manifests_have_the_expected_kinds():
     from cvops.serve_config import ServeSettings
     options = {a[2:].replace("-", "_") for a in gw["args"] if a.startswith("--")}
     assert options <= set(ServeSettings.model_fields), options - set(ServeSettings.model_fields)
-    assert "triton:8001" in gw["args"]
+    assert "triton:8000" in gw["args"]
 
 
 def test_compose_and_prometheus_agree():
