@@ -281,6 +281,14 @@ def wrk_c1(url: str, body: Path, ctype: str, seconds: float) -> dict:
             "non_2xx": int(bad.group(1)) if bad else 0, "socket_errors": sum(map(int, errors.groups())) if errors else 0}
 
 
+def median_ci95(xs) -> tuple[float, list[float]]:
+    "The median of `xs` and a bootstrap 95 % interval of it (seeded: the same figures give the same interval)."
+    from scipy.stats import bootstrap
+    xs = np.asarray(xs, float)
+    ci = bootstrap((xs,), np.median, confidence_level=0.95, n_resamples=2000, random_state=0).confidence_interval
+    return float(np.median(xs)), [float(ci.low), float(ci.high)]
+
+
 def _median_run(runs: list[dict]) -> dict:
     "Per figure, the median over the runs (req/s and p50 each on their own), with every run kept."
     out = {}
@@ -359,19 +367,17 @@ def c1_interleaved(servers: dict, files: dict, rounds: int, seconds: float = 2.0
                 p50[name].append(r["p50_ms"]); failed += r["non_2xx"] + r["socket_errors"]
     finally:
         for s, _, _ in started.values(): s.stop()
-    from scipy.stats import bootstrap
     first, second = p50.values()
     diffs = [b - a for a, b in zip(first, second)]
     out = {name: {"p50_ms": statistics.median(v), "rounds_p50_ms": v} for name, v in p50.items()}
-    out["difference_ms"] = statistics.median(diffs)
     # the two sit on the same floor (ONNX Runtime's 0.2 ms and loopback HTTP), so the sign of a median difference of a few
     # hundredths of a ms is luck unless the interval says otherwise: both are printed
-    ci = bootstrap((np.asarray(diffs),), np.median, confidence_level=0.95, n_resamples=2000, random_state=0).confidence_interval
-    out["difference_ci95_ms"] = [float(ci.low), float(ci.high)]
+    out["difference_ms"], out["difference_ci95_ms"] = median_ci95(diffs)
+    low, high = out["difference_ci95_ms"]
     out["rounds_second_faster"] = sum(d < 0 for d in diffs)
     out["failed_requests"] = failed
     print("  c1 side by side (wrk), p50 ms per round: " + "; ".join(f"{k} {[round(x, 3) for x in v]}" for k, v in p50.items())
-          + f"; median difference {out['difference_ms']:.3f} (95 % interval {ci.low:+.3f} to {ci.high:+.3f}; second faster in "
+          + f"; median difference {out['difference_ms']:.3f} (95 % interval {low:+.3f} to {high:+.3f}; second faster in "
           f"{out['rounds_second_faster']} of {len(diffs)} rounds)" + (f"; {failed} FAILED requests" if failed else ""), flush=True)
     return out
 
@@ -452,15 +458,13 @@ def triton_direct_figures(bundle: Path, tmp: Path, jpegs: list[bytes], n: int) -
                     cpu[proto] += cpu_seconds(gws[proto].proc.pid) - c0
         for c in gcs.values(): c.close()
         for c in direct.values(): c.close()
-    from scipy.stats import bootstrap
     out = {k: pct(v, 50) for k, v in lat.items()}
     for proto in gws:
         out[f"difference_{proto}_ms"] = out[f"gateway {proto}"] - out[f"direct {proto}"]
         # how sure that difference is: the median of the calls' paired differences (each gateway call against the direct
         # call just before it), with a bootstrap 95 % interval
         d = (np.asarray(lat[f"gateway {proto}"]) - np.asarray(lat[f"direct {proto}"])) * 1000
-        ci = bootstrap((d,), np.median, confidence_level=0.95, n_resamples=2000, random_state=0).confidence_interval
-        out[f"paired_difference_{proto}_ms"], out[f"paired_difference_{proto}_ci95_ms"] = float(np.median(d)), [float(ci.low), float(ci.high)]
+        out[f"paired_difference_{proto}_ms"], out[f"paired_difference_{proto}_ci95_ms"] = median_ci95(d)
         out[f"gateway_cpu_ms_per_request_{proto}"] = cpu[proto] / n * 1000
     out["difference_ms"] = min(out["difference_http_ms"], out["difference_grpc_ms"])
     out["loadavg"] = os.getloadavg()[0]
@@ -488,6 +492,11 @@ def two_model_rss(bundle: Path, tmp: Path) -> float:
         return g.rss_mb()
 
 
+def _interval_rows(name: str, ci: list | None) -> list[tuple]:
+    "Two informational rows of the targets table: the low and high ends of an interval (n/a when it was not measured)."
+    return [(f"{name}, {end} (ms)", (ci or [None, None])[i], "", None, "le") for i, end in enumerate(("low", "high"))]
+
+
 def peers_main(a, tmp, bundle, jpegs, res):
     print(f"peers (hey), {a.peer_runs} runs, medians:", flush=True)
     res["peers"] = peer_figures(bundle, tmp, a.peer_requests, a.big_requests, a.peer_runs, a.peer_seconds)
@@ -507,8 +516,7 @@ def peers_main(a, tmp, bundle, jpegs, res):
     rows.append(("64 px JPEG c64 req/s: cvops ÷ LitServe", ratio(get(cv, "small_c64", "req_s"), get(ls_, "small_c64", "req_s")), "", None, "ge"))
     rows.append(("64 px JPEG c64 req/s: cvops ÷ naive", ratio(get(cv, "small_c64", "req_s"), get(nv, "small_c64", "req_s")), "", None, "ge"))
     rows.append(("64 px JPEG c1 p50: cvops − naive, side by side (ms)", side.get("difference_ms"), "≤ 0 ms", 0.0, "le"))
-    for end, i in (("low", 0), ("high", 1)):
-        rows.append((f"   95 % interval of that difference, {end} (ms)", (side.get("difference_ci95_ms") or [None, None])[i], "", None, "le"))
+    rows += _interval_rows("   95 % interval of that difference", side.get("difference_ci95_ms"))
     rows.append(("   the same, from the runs one after the other (ms)", (get(cv, "small_c1", "p50_ms") or 0) - (get(nv, "small_c1", "p50_ms") or 0), "", None, "le"))
     wk = WORKERS  # the same targets, for the multi-process gateway
     rows.append(("12 MP JPEG c4 req/s: cvops workers ÷ naive", ratio(get(wk, "big_c4", "req_s"), get(nv, "big_c4", "req_s")), "≥ 3×", TARGETS["big_vs_naive"], "ge"))
@@ -521,8 +529,7 @@ def peers_main(a, tmp, bundle, jpegs, res):
         for proto in ("http", "grpc"):
             rows.append((f"gateway→Triton p50 − direct tritonclient p50, {proto}{' (default)' if proto == 'http' else ''} (ms)", td[f"difference_{proto}_ms"], "≤ 0.5 ms", TARGETS["triton_minus_direct_ms"], "le"))
             rows.append((f"   median of paired call differences, {proto} (ms)", td[f"paired_difference_{proto}_ms"], "", None, "le"))
-            for end, i in (("low", 0), ("high", 1)):
-                rows.append((f"   95 % interval of that median, {end} (ms)", td[f"paired_difference_{proto}_ci95_ms"][i], "", None, "le"))
+            rows += _interval_rows("   95 % interval of that median", td[f"paired_difference_{proto}_ci95_ms"])
             rows.append((f"   gateway CPU ms per request, → Triton {proto}", td[f"gateway_cpu_ms_per_request_{proto}"], "", None, "le"))
     if "draft" in res: rows.append(("reduced-scale vs full decoding, top-1 agreement", res["draft"]["agreement"], "≥ 99.5 %", TARGETS["draft_agreement"], "ge"))
     rows.append(("gateway RSS MB (one model)", S.get(cv, {}).get("rss_mb"), "≤ 250 MB", TARGETS["rss_mb"], "le"))

@@ -21,7 +21,7 @@ from .errors import CvopsError, NotFoundError, BundleError, BackendUnavailable
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'Backend', 'OnnxBackend', 'TritonBackend', 'make_backend']
+__all__ = ['log', 'Backend', 'OnnxBackend', 'host_port', 'TritonBackend', 'make_backend']
 
 # %% ../nbs/41_backends.ipynb #061e3b57
 class Backend:
@@ -304,10 +304,12 @@ def _binary_outputs(data:bytes,           # an HTTP infer answer's body
     except (KeyError, TypeError, ValueError) as e:  # orjson's decode error is a ValueError
         raise ValueError(f"unreadable infer answer ({type(e).__name__}: {_short(e)})") from None
 
-def _host_port(url:str, default_port:int) -> tuple[str, int]:
-    "('host', port) of 'host:port', '[v6]:port' or 'host'."
+def host_port(url:str,          # a server address: 'host:port', '[v6]:port' or 'host', with or without http:// or grpc://
+              default_port:int, # the port when the address has none
+             ) -> tuple[str, int]:
+    "('host', port) of a server address (a Triton's); a malformed one is a `CvopsError`."
     from urllib.parse import urlsplit
-    try: u = urlsplit("//" + url); return u.hostname or "127.0.0.1", u.port or default_port
+    try: u = urlsplit("//" + url.removeprefix("http://").removeprefix("grpc://")); return u.hostname or "127.0.0.1", u.port or default_port
     except ValueError: raise CvopsError(f"triton url must be host:port, got {url!r}") from None
 
 class TritonBackend(Backend):
@@ -331,7 +333,7 @@ class TritonBackend(Backend):
 
     async def load(self):
         if self.protocol == "http":
-            self.client = _KeepAlive(*_host_port(self.url, 8000))
+            self.client = _KeepAlive(*host_port(self.url, 8000))
         else:
             import tritonclient.grpc.aio as tc
             self._mod, self.client = tc, tc.InferenceServerClient(self.url, channel_args=_GRPC_CHANNEL)

@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field, model_validator
 
 from .config import Params, validate_params
-from .errors import ParameterError
+from .errors import CvopsError, ParameterError
 
 # %% auto #0
 __all__ = ['ModelEntry', 'ServeSettings', 'load_serve_config']
@@ -42,8 +42,8 @@ class ServeSettings(Params):
     triton_url: str = Field("127.0.0.1:8000", description="Triton address host:port (its HTTP port; its gRPC port with --triton-protocol grpc)")
     # HTTP by default: from this process it is the leaner path. Per call to the bundled Triton (64 px model, 2 cores, uvloop)
     # the HTTP client (`backends._KeepAlive`, binary tensors) costs 0.11 ms of CPU and answers in 1.22 ms p50, tritonclient's
-    # gRPC asyncio client 0.33 ms and 1.53 ms; through the gateway HTTP adds 0.39-0.43 ms to a direct tritonclient call, gRPC
-    # 0.75-0.82 ms (bench/serve.py, 2026-12-02). gRPC stays for deployments that route only gRPC.
+    # gRPC asyncio client 0.33 ms and 1.53 ms; through the gateway HTTP adds 0.28-0.54 ms to a direct tritonclient call, gRPC
+    # 0.70-0.84 ms (bench/serve.py, five runs on 2026-12-02). gRPC stays for deployments that route only gRPC.
     triton_protocol: Literal["http", "grpc"] = Field("http", description="protocol to talk to Triton")
     triton_model: str|None = Field(None, description="model name in Triton (default: the served model's name)")
     triton_timeout: float = Field(10.0, gt=0, description="seconds a Triton call may take before the request gets a 503")
@@ -102,10 +102,9 @@ _LOCAL = {"127.0.0.1", "localhost", "::1", "0.0.0.0", "::"}
 
 def _same_address(url:str, protocol:str, host:str, port:int) -> bool:
     "Whether a Triton address (host:port; no port: Triton's default for `protocol`) is the gateway's own host and port."
-    from urllib.parse import urlsplit
-    try: u = urlsplit("//" + url.removeprefix("http://").removeprefix("grpc://")); h, p = u.hostname, u.port
-    except ValueError: return False  # not an address: the backend says so when it connects
-    p = p or (8000 if protocol == "http" else 8001)
+    from cvops.backends import host_port  # here, not above: only a Triton-backed gateway needs it, and it loads numpy
+    try: h, p = host_port(url, 8000 if protocol == "http" else 8001)
+    except CvopsError: return False  # not an address: the backend says so when it connects
     return p == port and (h == host or (h in _LOCAL and host in _LOCAL))
 
 # %% ../nbs/43_serve_config.ipynb #5e7a1c20
